@@ -1,0 +1,172 @@
+"""Every run setting with its default and meaning, and the checks that run before any compute.
+
+`configs/*.py` start from `defaults()` and change what their size needs, so this is the one place that
+documents each field. `validate` turns a bad value into a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+# Exit codes of `python -m jaxreward.main`.
+EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_PREEMPTED = 0, 1, 2, 3, 4
+
+
+class ConfigError(ValueError):
+  """A bad setting or input file, reported as one line before any compute."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.data = d = ml_collections.ConfigDict()
+  d.train_path = ""  # Preference JSONL (or .json / .jsonl.gz); "" trains on the embedded synthetic task.
+  d.validation_path = ""  # Optional explicit validation file; "" splits train_path 80/20 grouped by prompt.
+  d.validation_fraction = 0.2  # Share of prompts held out when no validation_path is given.
+  d.format = "auto"  # auto | explicit | implicit (HH-RLHF transcripts) | conversational (role/content lists).
+  d.on_bad_line = "error"  # error: stop at the first bad line with file:line; skip: count and report it.
+  d.synthetic_pairs = 2400  # Size of the embedded synthetic task (train + validation).
+  d.tokenizer = ""  # HF tokenizer folder; "" trains a byte-level BPE on the training texts.
+  d.vocab_size = 2048  # Vocabulary of the trained BPE tokenizer (ignored with a tokenizer folder).
+  d.max_length = 128  # Tokens per sequence (prompt + response + EOS).
+  d.truncation = "keep_end"  # keep_end: cut the prompt's start first, never a response's end; drop: skip pair.
+  d.num_buckets = 4  # Padded lengths used: max_length·k/num_buckets (rounded to 8); few shapes, little padding.
+  d.sort_window = 32  # Batches per window sorted by length before batching (1 = no sorting).
+  d.min_pairs = 1000  # Warn below this many usable pairs (also 80% / 20% of it for train / validation).
+
+  c.model = m = ml_collections.ConfigDict()
+  m.init_from = ""  # HF folder of an SFT model to start from; "" builds the model below from scratch.
+  m.hidden_size = 128  # D: residual width.
+  m.num_layers = 4  # Decoder blocks.
+  m.num_heads = 4  # N: query heads.
+  m.num_kv_heads = 2  # K: key/value heads (grouped-query attention when K < N).
+  m.head_dim = 0  # H: per-head width; 0 means hidden_size // num_heads.
+  m.mlp_dim = 384  # F: SwiGLU hidden width.
+  m.rope_theta = 10000.0  # RoPE base.
+  m.rope_scaling = ml_collections.FieldReference(None, field_type=dict)  # HF rope_scaling dict, or None.
+  m.norm_eps = 1e-6  # RMSNorm epsilon.
+  m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
+  m.tie_embeddings = True  # Share input embedding and LM head (the LM head is unused for scoring).
+  m.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters and Adam state stay param_dtype).
+  m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
+  m.remat = False  # Recompute blocks in the backward pass: less activation memory, ~30% more compute.
+  m.attention = "xla"  # xla (any backend) or cudnn (fused flash attention on NVIDIA GPUs, bf16 only).
+
+  c.train = t = ml_collections.ConfigDict()
+  t.seed = 0  # Seeds the split, shuffling and initialisation.
+  t.batch_size = 32  # Pairs per step across all devices and hosts.
+  t.num_epochs = 3.0  # Passes over the training pairs; used when num_steps is 0.
+  t.num_steps = 0  # Exact number of steps; overrides num_epochs when > 0.
+  t.learning_rate = 1e-3  # Peak AdamW learning rate.
+  t.warmup_steps = 50  # Linear warmup from 0.
+  t.schedule = "cosine"  # cosine | linear | constant decay after warmup.
+  t.end_learning_rate_factor = 0.1  # Final learning rate as a fraction of the peak.
+  t.weight_decay = 0.01  # Decoupled weight decay on matrices (not norms or biases).
+  t.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+  t.adam_b1 = 0.9  # Adam first-moment decay.
+  t.adam_b2 = 0.95  # Adam second-moment decay.
+  t.adam_eps = 1e-8  # Adam epsilon.
+  t.center_rewards_coef = 0.0  # coef·(r_c + r_r)² keeps rewards centred for RL (TRL: 0.01); 0 disables.
+  t.eval_every = 100  # Steps between validation (and checkpoint) points; the last step always evaluates.
+  t.log_every = 10  # Steps between rows of metrics.jsonl.
+  t.train_eval_pairs = 512  # Fixed sample of training pairs scored like validation to measure the gap.
+  t.eval_batch_size = 64  # Pairs per evaluation batch.
+  t.keep_best = 1  # Best-by-validation-accuracy checkpoints kept (the latest one is always kept too).
+  t.compilation_cache = ""  # Folder for XLA's persistent compilation cache; "" disables.
+  t.progress_bar = True  # tqdm bar with running loss and accuracy.
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # Data-parallel replicas; -1 takes the devices the other axes leave.
+  ms.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style); batch is split over it too.
+  ms.tensor = 1  # Tensor (Megatron) parallelism over heads and MLP width.
+  # Logical axis -> mesh axes. Every parameter names its logical axes in model.py.
+  ms.rules = [
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("norm", None),
+      ("score", None),
+  ]
+
+  c.gate = g = ml_collections.ConfigDict()
+  g.min_train_accuracy = 0.70  # Best checkpoint's accuracy on the fixed training sample.
+  g.min_val_accuracy = 0.70  # Best checkpoint's validation accuracy.
+  g.max_gap = 0.10  # train_accuracy − val_accuracy must stay below this.
+  # Converged: mean training loss of the last eval interval changed by < rel_tol (or < abs_tol) vs. the one before.
+  g.converged_rel_tol = 0.10
+  g.converged_abs_tol = 0.02
+  return c
+
+
+_CHOICES = {
+    ("data", "format"): ("auto", "explicit", "implicit", "conversational"),
+    ("data", "on_bad_line"): ("error", "skip"),
+    ("data", "truncation"): ("keep_end", "drop"),
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "param_dtype"): ("float32", "bfloat16"),
+    ("model", "attention"): ("xla", "cudnn"),
+    ("train", "schedule"): ("cosine", "linear", "constant"),
+}
+_POSITIVE = [("data", "max_length"), ("data", "num_buckets"), ("data", "sort_window"), ("data", "vocab_size"),
+             ("model", "hidden_size"), ("model", "num_layers"), ("model", "num_heads"), ("model", "num_kv_heads"),
+             ("model", "mlp_dim"), ("train", "batch_size"), ("train", "eval_every"), ("train", "log_every"),
+             ("train", "eval_batch_size"), ("train", "keep_best"), ("train", "learning_rate")]
+_SECTIONS = ("data", "model", "train", "mesh", "gate")
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the key and what was expected; never touches a device."""
+  for section in config.keys():
+    if section not in _SECTIONS:
+      raise ConfigError(f"config: unknown section {section!r}; expected one of {', '.join(_SECTIONS)}")
+  reference = defaults()
+  for section in _SECTIONS:
+    if section not in config:
+      raise ConfigError(f"config: missing section {section!r}")
+    for key in config[section].keys():
+      if key not in reference[section]:
+        raise ConfigError(f"config: unknown key {section}.{key}")
+  for (section, key), allowed in _CHOICES.items():
+    if config[section][key] not in allowed:
+      raise ConfigError(f"config: {section}.{key}={config[section][key]!r}; expected one of {', '.join(allowed)}")
+  for section, key in _POSITIVE:
+    if not config[section][key] > 0:
+      raise ConfigError(f"config: {section}.{key}={config[section][key]!r}; expected a positive number")
+  d, m, t = config.data, config.model, config.train
+  if not 0.0 < d.validation_fraction < 1.0:
+    raise ConfigError(f"config: data.validation_fraction={d.validation_fraction}; expected 0 < x < 1")
+  if t.num_steps < 0 or (t.num_steps == 0 and not t.num_epochs > 0):
+    raise ConfigError("config: train.num_steps must be > 0, or train.num_epochs > 0 with num_steps = 0")
+  if d.max_length % 8 or d.max_length < 8 * d.num_buckets:
+    raise ConfigError(f"config: data.max_length={d.max_length}; expected a multiple of 8 and >= 8·num_buckets")
+  if not m.init_from:
+    if m.num_heads % m.num_kv_heads:
+      raise ConfigError(f"config: model.num_heads={m.num_heads} must be a multiple of num_kv_heads={m.num_kv_heads}")
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    if head_dim % 2 or (not m.head_dim and m.hidden_size % m.num_heads):
+      raise ConfigError(f"config: model.hidden_size={m.hidden_size} / num_heads={m.num_heads} must give an even "
+                        "head_dim (or set model.head_dim)")
+  if m.attention == "cudnn" and m.dtype != "bfloat16":
+    raise ConfigError("config: model.attention='cudnn' needs model.dtype='bfloat16'")
+  for key in ("min_train_accuracy", "min_val_accuracy", "max_gap"):
+    if not 0.0 <= config.gate[key] <= 1.0:
+      raise ConfigError(f"config: gate.{key}={config.gate[key]}; expected a fraction in [0, 1]")
+  for axis in ("data", "fsdp", "tensor"):
+    if config.mesh[axis] == 0 or config.mesh[axis] < -1:
+      raise ConfigError(f"config: mesh.{axis}={config.mesh[axis]}; expected a positive size or -1")
+  for i, rule in enumerate(config.mesh.rules):
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f"config: mesh.rules[{i}]={rule!r}; expected (logical_name, mesh_axes)")
+  for path_key in ("train_path", "validation_path", "tokenizer"):
+    path = d[path_key]
+    if path and not os.path.exists(path):
+      raise ConfigError(f"config: data.{path_key}={path!r} does not exist")
+  if d.validation_path and not d.train_path:
+    raise ConfigError("config: data.validation_path needs data.train_path")
+  if m.init_from and not os.path.isdir(m.init_from):
+    raise ConfigError(f"config: model.init_from={m.init_from!r} is not a folder")

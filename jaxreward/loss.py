@@ -1,0 +1,53 @@
+"""Bradley-Terry preference loss and the per-batch statistics logged beside it.
+
+Every batch carries `weight_B` (1 for a real pair, 0 for padding that fills the last evaluation batch),
+so sums and counts are exact whatever the batch size; callers divide at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pair_losses(r_Bx2, margin_B, center_coef: float = 0.0):
+  """-log σ(r_chosen − r_rejected − margin) per pair, plus the optional reward-centering term.
+
+  `margin_B` is the dataset's optional preference margin (Llama-2 style; zeros when absent).
+  `center_coef` adds coef·(r_chosen + r_rejected)² as in TRL's `center_rewards_coefficient`, which
+  keeps rewards near zero for the RL stage without changing which response wins.
+  """
+  diff_B = r_Bx2[:, 0] - r_Bx2[:, 1]
+  loss_B = -jax.nn.log_sigmoid(diff_B - margin_B)
+  if center_coef:
+    loss_B = loss_B + center_coef * jnp.sum(r_Bx2, axis=1) ** 2
+  return loss_B, diff_B
+
+
+def batch_sums(r_Bx2, weight_B, margin_B, center_coef: float = 0.0) -> dict:
+  """Weighted sums over the batch; `finalize` turns them into means."""
+  loss_B, diff_B = pair_losses(r_Bx2, margin_B, center_coef)
+  w_B = weight_B.astype(jnp.float32)
+  # A tie is half right: an untrained model that scores everything equal sits at the 50% baseline.
+  correct_B = jnp.where(diff_B > 0, 1.0, jnp.where(diff_B == 0, 0.5, 0.0))
+  return {
+      "count": jnp.sum(w_B),
+      "loss": jnp.sum(w_B * loss_B),
+      "accuracy": jnp.sum(w_B * correct_B),
+      "margin": jnp.sum(w_B * diff_B),
+      "reward_chosen": jnp.sum(w_B * r_Bx2[:, 0]),
+      "reward_rejected": jnp.sum(w_B * r_Bx2[:, 1]),
+      "reward": jnp.sum(w_B * jnp.sum(r_Bx2, axis=1)) / 2,
+      "reward_sq": jnp.sum(w_B * jnp.sum(r_Bx2 ** 2, axis=1)) / 2,
+  }
+
+
+def finalize(sums: dict) -> dict:
+  """Means (and the reward std) from accumulated `batch_sums`; works on numpy or jax scalars."""
+  n = max(float(sums["count"]), 1.0)
+  out = {k: float(sums[k]) / n for k in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected",
+                                         "reward")}
+  var = float(sums["reward_sq"]) / n - out["reward"] ** 2
+  out["reward_std"] = max(var, 0.0) ** 0.5
+  out["count"] = int(round(float(sums["count"])))
+  return out

@@ -1,0 +1,229 @@
+"""Llama-family decoder with a scalar reward head, in Flax NNX.
+
+The architecture follows Hugging Face's `LlamaModel` exactly (RMSNorm, rotate-half RoPE, SwiGLU,
+grouped-query attention, optional q/k/v bias as in Qwen2), so weights map one-to-one in `hf.py` and
+an exported `LlamaForSequenceClassification` scores the same token we do.
+
+Every parameter carries logical axis names; `sharding.py` maps them onto the mesh with the rules table
+from the config. Letters in names: B batch, P pair (chosen, rejected), L length, D model width,
+N query heads, K key/value heads, H head width, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names; `configs/*.py` map them to mesh axes.
+VOCAB, EMBED, HEADS, KV_HEADS, MLP, NORM, SCORE = "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "score"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static architecture; mirrors the keys of an HF `LlamaConfig`."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: tuple = ()  # Sorted (key, value) pairs of HF's rope_scaling dict; () for none.
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # Compute dtype; parameters stay in param_dtype.
+  param_dtype: str = "float32"
+  remat: bool = False  # Recompute each block in the backward pass to save activation memory.
+  attention: str = "xla"  # 'xla' everywhere, 'cudnn' for flash attention on NVIDIA GPUs.
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+    """Builds from the `model` section of a run config."""
+    head_dim = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
+    scaling = model_cfg.get("rope_scaling") or {}
+    return cls(
+        vocab_size=vocab_size, hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+        num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads, head_dim=head_dim,
+        mlp_dim=model_cfg.mlp_dim, rope_theta=float(model_cfg.rope_theta),
+        rope_scaling=tuple(sorted(dict(scaling).items())), norm_eps=float(model_cfg.norm_eps),
+        qkv_bias=model_cfg.qkv_bias, tie_embeddings=model_cfg.tie_embeddings, dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype, remat=model_cfg.remat, attention=model_cfg.attention)
+
+  def num_parameters(self) -> int:
+    d, n, k, h, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                        self.mlp_dim, self.vocab_size)
+    attn = d * n * h * 2 + d * k * h * 2 + ((n + 2 * k) * h if self.qkv_bias else 0)
+    block = attn + 3 * d * f + 2 * d
+    embeddings = v * d * (1 if self.tie_embeddings else 2)
+    # The untied LM head is kept so that imported SFT checkpoints round-trip; it is unused for scoring.
+    return embeddings + self.num_layers * block + d + d
+
+
+def _param(rngs, shape, axes, std, dtype):
+  init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+  return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def _zeros(shape, axes, dtype):
+  return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), axes)(None, shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones_init(), (NORM,))(None, (dim,), param_dtype))
+
+  def __call__(self, x_BxLxD):
+    # Normalise in float32 as HF does, then cast back.
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * x).astype(x_BxLxD.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """Inverse frequencies of rotate-half RoPE, with HF's 'llama3' and 'linear' scaling."""
+  inv_freq_H2 = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  scaling = dict(cfg.rope_scaling)
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "linear":
+    inv_freq_H2 = inv_freq_H2 / scaling["factor"]
+  elif kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq_H2
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_H2 / factor + smooth * inv_freq_H2
+    inv_freq_H2 = jnp.where(wavelen > old_len / low, inv_freq_H2 / factor,
+                            jnp.where(wavelen < old_len / high, inv_freq_H2, smoothed))
+  elif kind != "default":
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+  return inv_freq_H2
+
+
+def apply_rope(x_BxLxNxH, positions_L, inv_freq_H2):
+  angles_LxH2 = positions_L[:, None].astype(jnp.float32) * inv_freq_H2[None, :]
+  angles_LxH = jnp.concatenate([angles_LxH2, angles_LxH2], axis=-1)
+  cos, sin = jnp.cos(angles_LxH)[None, :, None, :], jnp.sin(angles_LxH)[None, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd, std = cfg.param_dtype, cfg.init_std
+    self.cfg = cfg
+    self.q_DxNH = _param(rngs, (d, n * h), (EMBED, HEADS), std, pd)
+    self.k_DxKH = _param(rngs, (d, k * h), (EMBED, KV_HEADS), std, pd)
+    self.v_DxKH = _param(rngs, (d, k * h), (EMBED, KV_HEADS), std, pd)
+    self.o_NHxD = _param(rngs, (n * h, d), (HEADS, EMBED), std / math.sqrt(2 * cfg.num_layers), pd)
+    if cfg.qkv_bias:
+      self.q_bias_NH = _zeros((n * h,), (HEADS,), pd)
+      self.k_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
+      self.v_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
+
+  def __call__(self, x_BxLxD, positions_L, inv_freq_H2):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, l, _ = x_BxLxD.shape
+    q_BxLxNH = jnp.einsum("bld,de->ble", x_BxLxD, self.q_DxNH[...].astype(dt))
+    k_BxLxKH = jnp.einsum("bld,de->ble", x_BxLxD, self.k_DxKH[...].astype(dt))
+    v_BxLxKH = jnp.einsum("bld,de->ble", x_BxLxD, self.v_DxKH[...].astype(dt))
+    if cfg.qkv_bias:
+      q_BxLxNH += self.q_bias_NH[...].astype(dt)
+      k_BxLxKH += self.k_bias_KH[...].astype(dt)
+      v_BxLxKH += self.v_bias_KH[...].astype(dt)
+    q_BxLxNxH = apply_rope(q_BxLxNH.reshape(b, l, cfg.num_heads, cfg.head_dim), positions_L, inv_freq_H2)
+    k_BxLxKxH = apply_rope(k_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim), positions_L, inv_freq_H2)
+    v_BxLxKxH = v_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    # Sequences are right-padded and the reward is read at the last real token, so a causal mask alone
+    # keeps padding out of every position that matters.
+    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
+                                               implementation=None if cfg.attention == "xla" else cfg.attention)
+    return jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt))
+
+
+class FeedForward(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd, std = cfg.hidden_size, cfg.mlp_dim, cfg.param_dtype, cfg.init_std
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.gate_DxF = _param(rngs, (d, f), (EMBED, MLP), std, pd)
+    self.up_DxF = _param(rngs, (d, f), (EMBED, MLP), std, pd)
+    self.down_FxD = _param(rngs, (f, d), (MLP, EMBED), std / math.sqrt(2 * cfg.num_layers), pd)
+
+  def __call__(self, x_BxLxD):
+    dt = self.dtype
+    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.gate_DxF[...].astype(dt))
+    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.up_DxF[...].astype(dt))
+    return jnp.einsum("blf,fd->bld", jax.nn.silu(gate_BxLxF) * up_BxLxF, self.down_FxD[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
+    self.mlp = FeedForward(cfg, rngs)
+
+  def __call__(self, h_BxLxD, positions_L, inv_freq_H2):
+    h_BxLxD = h_BxLxD + self.attn(self.attn_norm(h_BxLxD), positions_L, inv_freq_H2)
+    return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
+
+
+class Backbone(nnx.Module):
+  """The decoder without any output head: tokens -> final-normed hidden states."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_VxD = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), cfg.init_std, cfg.param_dtype)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
+
+  def __call__(self, tokens_BxL):
+    dt = jnp.dtype(self.cfg.dtype)
+    h_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+    positions_L = jnp.arange(tokens_BxL.shape[1])
+    inv_freq_H2 = rope_frequencies(self.cfg)
+    for block in self.blocks:
+      if self.cfg.remat:
+        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_L, inv_freq_H2))(block, h_BxLxD)
+      else:
+        h_BxLxD = block(h_BxLxD, positions_L, inv_freq_H2)
+    return self.final_norm(h_BxLxD)
+
+
+class RewardModel(nnx.Module):
+  """Backbone + linear scalar head read at each sequence's last real token (HF's `score`)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Backbone(cfg, rngs)
+    if not cfg.tie_embeddings:
+      # Kept only so an SFT checkpoint's LM head survives import/export; scoring never reads it.
+      self.lm_head_DxV = _param(rngs, (cfg.hidden_size, cfg.vocab_size), (EMBED, VOCAB), cfg.init_std, cfg.param_dtype)
+    self.score_Dx1 = _param(rngs, (cfg.hidden_size, 1), (EMBED, SCORE), 1.0 / math.sqrt(cfg.hidden_size + 1),
+                            cfg.param_dtype)
+
+  def hidden_at_last_token(self, tokens_BxL, lengths_B):
+    h_BxLxD = self.backbone(tokens_BxL)
+    last_B = jnp.maximum(lengths_B - 1, 0)
+    return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0, :]
+
+  def __call__(self, tokens_BxL, lengths_B):
+    """Reward per sequence, float32, shape [B]."""
+    h_BxD = self.hidden_at_last_token(tokens_BxL, lengths_B)
+    return jnp.einsum("bd,do->bo", h_BxD.astype(jnp.float32), self.score_Dx1[...].astype(jnp.float32))[:, 0]
+
+  def score_pairs(self, tokens_BxPxL, lengths_BxP):
+    """Rewards of both sides of each pair; the pair axis is folded into the batch around the backbone."""
+    b, p, l = tokens_BxPxL.shape
+    r_BP = self(tokens_BxPxL.reshape(b * p, l), lengths_BxP.reshape(b * p))
+    return r_BP.reshape(b, p)

@@ -1,0 +1,185 @@
+"""Pairs -> token ids -> length-bucketed batches, streamed through grain with exact resume.
+
+A batch is a dict of numpy arrays holding this host's rows of the global batch:
+  tokens_BxPxL int32   chosen (p=0) and rejected (p=1), right-padded with the pad id
+  lengths_BxP  int32   real tokens per sequence; the reward is read at lengths-1 (the EOS)
+  weight_B     float32 1 for a real pair, 0 for filler in the last evaluation batch
+  margin_B     float32 the dataset's preference margin (0 when absent)
+
+Training batches follow a plan that depends only on (seed, epoch): shuffle, sort windows of
+`sort_window` batches by length, cut into batches, shuffle the batches. Each batch is padded to the
+smallest of a few bucket lengths that fits it, so XLA compiles few programs and little compute is
+spent on padding. The grain iterator's state (the next step) is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from jaxreward.data import Pair
+
+PLAIN_TEMPLATE = "<|{role}|>\n{content}\n"  # Used for conversations when the tokenizer has no chat template.
+
+
+def render(pair_side_prompt, response, tok) -> tuple[str, str]:
+  """(prompt text, response text) of one side; conversations go through the chat template."""
+  if isinstance(pair_side_prompt, str):
+    return pair_side_prompt, response
+  if getattr(tok, "chat_template", None):
+    prompt_text = tok.apply_chat_template(pair_side_prompt, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(pair_side_prompt + response, tokenize=False)
+    if full.startswith(prompt_text):
+      return prompt_text, full[len(prompt_text):]
+    return tok.apply_chat_template(pair_side_prompt, tokenize=False), full[len(
+        tok.apply_chat_template(pair_side_prompt, tokenize=False)):]
+  prompt_text = "".join(PLAIN_TEMPLATE.format(**m) for m in pair_side_prompt) + "<|assistant|>\n"
+  body = "".join(PLAIN_TEMPLATE.format(**m) for m in response)
+  return prompt_text, body[len("<|assistant|>\n"):]
+
+
+def texts_for_tokenizer(pairs: list[Pair]):
+  for p in pairs:
+    for response in (p.chosen, p.rejected):
+      prompt, body = render(p.prompt, response, None)
+      yield prompt + body
+
+
+@dataclasses.dataclass
+class Encoded:
+  ids: list  # [pair][side] -> np.int32 array, EOS last.
+  margin: np.ndarray  # [pair] float32
+  pairs: list  # The Pair records kept, aligned with ids.
+  truncated: int = 0  # Pairs with at least one side cut to max_length.
+  dropped: int = 0  # Pairs skipped under truncation="drop".
+
+  def __len__(self):
+    return len(self.ids)
+
+  def lengths(self) -> np.ndarray:
+    return np.array([[len(a), len(b)] for a, b in self.ids], dtype=np.int32).reshape(-1, 2)
+
+
+def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
+  eos = tok.eos_token_id
+  out = Encoded(ids=[], margin=np.zeros(0, np.float32), pairs=[])
+  margins = []
+  prompt_cache = {}
+  for pair in pairs:
+    sides, cut = [], False
+    for response in (pair.chosen, pair.rejected):
+      prompt_text, response_text = render(pair.prompt, response, tok)
+      if prompt_text not in prompt_cache:
+        prompt_cache[prompt_text] = tok(prompt_text, add_special_tokens=True)["input_ids"] if prompt_text else []
+      ids = prompt_cache[prompt_text] + tok(response_text, add_special_tokens=False)["input_ids"] + [eos]
+      if len(ids) > max_length:
+        cut = True
+        # Keep the end: the prompt's beginning goes first, a response's end never does.
+        ids = ids[-max_length:]
+      sides.append(np.asarray(ids, np.int32))
+    if cut and truncation == "drop":
+      out.dropped += 1
+      continue
+    out.truncated += cut
+    out.ids.append(sides)
+    out.pairs.append(pair)
+    margins.append(pair.margin)
+  out.margin = np.asarray(margins, np.float32)
+  return out
+
+
+def bucket_lengths(max_length: int, num_buckets: int) -> list[int]:
+  return sorted({max(8, -(-max_length * k // num_buckets) // 8 * 8) for k in range(1, num_buckets + 1)} |
+                {max_length})
+
+
+def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int) -> dict:
+  lengths_BxP = np.zeros((len(indices), 2), np.int32)
+  for row, i in enumerate(indices):
+    lengths_BxP[row] = [len(enc.ids[i][0]), len(enc.ids[i][1])]
+  padded = next(b for b in buckets if b >= lengths_BxP.max())
+  tokens_BxPxL = np.full((len(indices), 2, padded), pad_id, np.int32)
+  for row, i in enumerate(indices):
+    for p in range(2):
+      tokens_BxPxL[row, p, :lengths_BxP[row, p]] = enc.ids[i][p]
+  return {"tokens_BxPxL": tokens_BxPxL, "lengths_BxP": lengths_BxP, "weight_B": weight.astype(np.float32),
+          "margin_B": enc.margin[indices]}
+
+
+class TrainPlan:
+  """Which pairs form global batch `step`; a pure function of (seed, step)."""
+
+  def __init__(self, enc: Encoded, batch_size: int, sort_window: int, seed: int):
+    if len(enc) < batch_size:
+      raise ValueError(f"only {len(enc)} training pairs for a batch of {batch_size}")
+    self.enc, self.batch_size, self.sort_window, self.seed = enc, batch_size, sort_window, seed
+    self.pair_lengths = enc.lengths().max(axis=1)
+    self.batches_per_epoch = len(enc) // batch_size
+    self._cached_epoch, self._cached_plan = -1, None
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """[batches_per_epoch, batch_size] pair indices of one epoch."""
+    if epoch != self._cached_epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      order = rng.permutation(len(self.enc))[:self.batches_per_epoch * self.batch_size]
+      window = self.batch_size * self.sort_window
+      for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        order[start:start + window] = chunk[np.argsort(self.pair_lengths[chunk], kind="stable")]
+      batches = order.reshape(self.batches_per_epoch, self.batch_size)
+      self._cached_plan, self._cached_epoch = batches[rng.permutation(self.batches_per_epoch)], epoch
+    return self._cached_plan
+
+  def indices(self, step: int) -> np.ndarray:
+    return self.epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
+
+  def padding_fraction(self, epoch: int, buckets: list[int]) -> float:
+    """Share of the epoch's token slots that are padding."""
+    lengths = self.enc.lengths()
+    real = padded = 0
+    for idx in self.epoch(epoch):
+      width = next(b for b in buckets if b >= self.pair_lengths[idx].max())
+      real += int(lengths[idx].sum())
+      padded += width * len(idx) * 2
+    return 1.0 - real / padded
+
+
+def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  if batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+def train_dataset(plan: TrainPlan, num_steps: int, buckets, pad_id: int, process_index: int, process_count: int):
+  """A grain IterDataset of this host's rows of batches 0..num_steps-1; resumable via get/set_state."""
+  rows = host_rows(plan.batch_size, process_index, process_count)
+
+  def make_batch(step):
+    indices = plan.indices(int(step))
+    # The padded width comes from the whole global batch so every host builds the same shape.
+    batch = collate(plan.enc, indices, np.ones(len(indices)), buckets, pad_id)
+    return {k: v[rows] for k, v in batch.items()}
+
+  return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def eval_batches(enc: Encoded, indices: np.ndarray, batch_size: int, buckets, pad_id: int, process_index: int,
+                 process_count: int) -> list[dict]:
+  """Fixed evaluation batches, sorted by length; the last is filled with weight-0 copies."""
+  rows = host_rows(batch_size, process_index, process_count)
+  lengths = enc.lengths().max(axis=1)
+  ordered = indices[np.argsort(lengths[indices], kind="stable")]
+  batches = []
+  for start in range(0, len(ordered), batch_size):
+    chunk = ordered[start:start + batch_size]
+    weight = np.ones(batch_size)
+    if len(chunk) < batch_size:
+      weight[len(chunk):] = 0.0
+      chunk = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
+    batch = collate(enc, chunk, weight, buckets, pad_id)
+    batches.append({k: v[rows] for k, v in batch.items()})
+  return batches

@@ -1,0 +1,83 @@
+"""The device mesh and the mapping from logical axis names to it.
+
+Sharding is declared, not coded: parameters name their logical axes in `model.py`, the config holds one
+rules table, and this module turns both into `NamedSharding`s. Nothing else in the project places data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Parameters with at least this many elements must be sharded by some rule (or explicitly replicated by
+# naming only axes that map to None); anything smaller may stay unannotated.
+LARGE_PARAMETER = 1 << 16
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the configured axis sizes, one of which may be -1 ("the rest")."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} must be positive with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+                     f"but {num_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: the embedding gather does not type-check under jax 0.10's default Explicit axes.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def rules(mesh_cfg) -> tuple:
+  """The config's rules table as the tuple of pairs that flax expects."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_cfg.rules)
+
+
+def logical_to_mesh(logical_axes, rule_table) -> PartitionSpec:
+  table = dict(rule_table)
+  return PartitionSpec(*(table.get(name) if name is not None else None for name in logical_axes))
+
+
+def batch_sharding(mesh, rule_table, ndim: int) -> NamedSharding:
+  """Batches are sharded on their leading axis by the 'batch' rule and replicated elsewhere."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), rule_table))
+
+
+def state_shardings(abstract_state, mesh, rule_table):
+  """NamedShardings for a tree of (abstract) nnx variables, checking every large one is annotated."""
+  check_annotated(abstract_state)
+  with nnx.logical_axis_rules(rule_table):
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def check_annotated(abstract_state) -> None:
+  for path, var in nnx.to_flat_state(abstract_state):
+    shape = getattr(var, "shape", None) or np.shape(var.get_value())
+    axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+    if axes is None and math.prod(shape) >= LARGE_PARAMETER:
+      name = ".".join(str(p) for p in path)
+      raise ValueError(f"parameter {name} {tuple(shape)} has no logical axis names; annotate it in model.py")
+
+
+def describe(mesh) -> str:
+  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" on {mesh.devices.size} " + \
+         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)"
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes that the arrays of `tree` occupy on the first local device."""
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "addressable_shards"))

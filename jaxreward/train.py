@@ -1,0 +1,301 @@
+"""Training: `train_and_evaluate(config, workdir)` runs a whole reward-model job and returns its summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from jaxreward import checkpoint, configuration, data, evaluate, gate, loss, model as model_lib, optimizer
+from jaxreward import pipeline, report, sharding, synthetic, tokenizer as tokenizer_lib
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedData:
+  tokenizer: object
+  train: pipeline.Encoded
+  validation: pipeline.Encoded
+  stats: dict
+
+
+def prepare_data(config) -> PreparedData:
+  d, seed = config.data, config.train.seed
+  stats = {"bad_lines_skipped": 0, "skip_reasons": [], "duplicates_removed": 0, "leaks_removed": 0}
+
+  def read(path):
+    pairs, rep = data.load_pairs(path, d.format, d.on_bad_line)
+    stats["bad_lines_skipped"] += rep.skipped
+    stats["skip_reasons"] += rep.skip_reasons
+    if rep.skipped:
+      log(f"data: skipped {rep.skipped} bad lines of {path}; first: {'; '.join(rep.skip_reasons[:3])}")
+    return pairs
+
+  if not d.train_path:
+    train_pairs, val_pairs = data.split(synthetic.generate(d.synthetic_pairs, seed), d.validation_fraction, seed)
+  else:
+    all_pairs, stats["duplicates_removed"] = data.deduplicate(read(d.train_path))
+    if d.validation_path:
+      val_pairs, dups = data.deduplicate(read(d.validation_path))
+      stats["duplicates_removed"] += dups
+      train_pairs, stats["leaks_removed"] = data.remove_leaks(all_pairs, val_pairs)
+    else:
+      train_pairs, val_pairs = data.split(all_pairs, d.validation_fraction, seed)
+  if not train_pairs or not val_pairs:
+    raise configuration.ConfigError(f"data: {len(train_pairs)} training and {len(val_pairs)} validation pairs "
+                                    "after splitting; both must be non-empty")
+  minimum = d.min_pairs
+  if len(train_pairs) + len(val_pairs) < minimum or len(train_pairs) < 0.8 * minimum or len(val_pairs) < 0.2 * minimum:
+    log(f"warning: {len(train_pairs)} train / {len(val_pairs)} validation pairs is below the recommended "
+        f"{minimum} pairs ({int(0.8 * minimum)} / {int(0.2 * minimum)}); accuracies will be noisy")
+
+  tok_path = d.tokenizer or config.model.init_from
+  if tok_path:
+    tok = tokenizer_lib.load(tok_path)
+  else:
+    tok = tokenizer_lib.train_bpe(pipeline.texts_for_tokenizer(train_pairs), d.vocab_size)
+  train = pipeline.encode(train_pairs, tok, d.max_length, d.truncation)
+  validation = pipeline.encode(val_pairs, tok, d.max_length, d.truncation)
+  if len(train) < config.train.batch_size or not len(validation):
+    raise configuration.ConfigError(
+        f"data: {len(train)} training / {len(validation)} validation pairs left after truncation "
+        f"({d.truncation}); need at least one batch ({config.train.batch_size}) and one validation pair")
+  stats.update(train_pairs=len(train), val_pairs=len(validation), truncated_pairs=train.truncated + validation.truncated,
+               dropped_pairs=train.dropped + validation.dropped)
+  return PreparedData(tok, train, validation, stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and optimizer state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: int):
+  """Builds parameters and Adam state directly in their shardings: no full copy on any one device."""
+
+  def init():
+    model = model_lib.RewardModel(model_cfg, nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
+    abstract = nnx.eval_shape(lambda: model_lib.RewardModel(model_cfg, nnx.Rngs(seed)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    params_shardings = sharding.state_shardings(abstract_params, mesh, rule_table)
+    abstract_state = jax.eval_shape(init)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Adam moments take their parameter's sharding; scalars (step, counts) are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"step": replicated, "params": params_shardings, "opt_state": opt_shardings}
+    state = jax.jit(init, out_shardings=state_shardings)()
+  return graphdef, state, state_shardings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef, tx, schedule, center_coef: float):
+  """The pure step: (state, batch) -> (state, metrics)."""
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      r_Bx2 = model.score_pairs(batch["tokens_BxPxL"], batch["lengths_BxP"])
+      sums = loss.batch_sums(r_Bx2, batch["weight_B"], batch["margin_B"], center_coef)
+      return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(sums, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh, rule_table):
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(state_shardings, evaluate.batch_shardings(mesh, rule_table)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def total_steps(train_cfg, batches_per_epoch: int) -> int:
+  if train_cfg.num_steps:
+    return int(train_cfg.num_steps)
+  return max(1, int(math.ceil(train_cfg.num_epochs * batches_per_epoch)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json."""
+  started = time.time()
+  configuration.validate(config)
+  if config.train.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  rule_table = sharding.rules(config.mesh)
+  t = config.train
+
+  prepared = prepare_data(config)
+  tok = prepared.tokenizer
+  model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
+  buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
+  plan = pipeline.TrainPlan(prepared.train, t.batch_size, config.data.sort_window, t.seed)
+  num_steps = total_steps(t, plan.batches_per_epoch)
+  padding = plan.padding_fraction(0, buckets)
+  log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation pairs; {num_steps} steps "
+      f"({plan.batches_per_epoch} per epoch); buckets {buckets}; padding {padding:.1%} of token slots")
+
+  tx, schedule = optimizer.make(t, num_steps)
+  graphdef, state, state_shardings = create_state(model_cfg, tx, mesh, rule_table, t.seed)
+  num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  log(f"model: {num_params:,} parameters; mesh {sharding.describe(mesh)}; "
+      f"{sharding.per_device_bytes(state) / 2**20:.1f} MiB of parameters + optimizer state per device")
+  if is_main:
+    tokenizer_lib.save(tok, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  train_step = jit_train_step(make_train_step(graphdef, tx, schedule, t.center_rewards_coef), state_shardings,
+                              mesh, rule_table)
+  batch_shardings = evaluate.batch_shardings(mesh, rule_table)
+  eval_step = evaluate.make_eval_step(graphdef, state_shardings["params"], mesh, rule_table)
+  pid, nproc = jax.process_index(), jax.process_count()
+  val_batches = pipeline.eval_batches(prepared.validation, np.arange(len(prepared.validation)), t.eval_batch_size,
+                                      buckets, tok.pad_token_id, pid, nproc)
+  sample = np.random.default_rng([t.seed, 1]).permutation(len(prepared.train))[:t.train_eval_pairs]
+  train_sample_batches = pipeline.eval_batches(prepared.train, np.sort(sample), t.eval_batch_size, buckets,
+                                               tok.pad_token_id, pid, nproc)
+
+  # --- Resume ----------------------------------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
+  start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, buckets, tok.pad_token_id, pid, nproc))
+  if ckpt.latest_step() is not None:
+    start_step = ckpt.latest_step()
+    state, data_state = ckpt.restore(start_step, state)
+    iterator.set_state(data_state)
+    log(f"resumed from step {start_step} in {ckpt.directory}")
+  history = report.MetricsLog(workdir, start_step, is_main)
+
+  # --- Loop ------------------------------------------------------------------------------------------------
+  def evaluate_and_save(step):
+    val, val_rewards = evaluate.run(eval_step, state["params"], val_batches, batch_shardings)
+    train_eval, _ = evaluate.run(eval_step, state["params"], train_sample_batches, batch_shardings)
+    row = {"kind": "eval", "step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+           "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"],
+           "overfitting_gap": train_eval["accuracy"] - val["accuracy"], "val_reward_mean": val["reward"],
+           "val_reward_std": val["reward_std"], "val_margin": val["margin"],
+           "interval_train_loss": interval.mean("loss")}
+    history.write(row)
+    ckpt.save(step, state, iterator.get_state(), {"val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+    log(f"step {step}: val acc {val['accuracy']:.4f} loss {val['loss']:.4f} | train acc "
+        f"{train_eval['accuracy']:.4f} loss {train_eval['loss']:.4f} | gap {row['overfitting_gap']:+.4f}")
+    interval.reset()
+    del val_rewards
+
+  interval, window = _Running(), _Running()
+  bar = tqdm.tqdm(total=num_steps, initial=start_step, disable=not (t.progress_bar and is_main), unit="step",
+                  dynamic_ncols=True, file=sys.stderr)
+  pending = None  # (step, metrics on device): fetched one step late so dispatch never waits.
+
+  def consume(step, metrics):
+    m = loss.finalize(jax.device_get(metrics)) | {k: float(metrics[k]) for k in ("grad_norm", "learning_rate")}
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
+                          f"the checkpoints in {ckpt.directory} are from before it (lower train.learning_rate?)")
+    interval.add(m)
+    window.add(m)
+    bar.update(1)
+    bar.set_postfix(loss=f"{window.mean('loss'):.4f}", acc=f"{window.mean('accuracy'):.3f}")
+    if step % t.log_every == 0 or step == num_steps:
+      history.write({"kind": "train", "step": step, **{k: window.mean(k) for k in window.sums}})
+      window.reset()
+
+  for step in range(start_step + 1, num_steps + 1):
+    batch = evaluate.to_device(next(iterator), batch_shardings)
+    state, metrics = train_step(state, batch)
+    if pending is not None:
+      consume(*pending)
+    pending = (step, metrics)
+    if step % t.eval_every == 0 or step == num_steps:
+      consume(*pending)  # Never checkpoint a state whose loss was not checked.
+      pending = None
+      evaluate_and_save(step)
+  bar.close()
+  ckpt.wait()
+
+  # --- Report ----------------------------------------------------------------------------------------------
+  evals = history.evals()
+  best_step = ckpt.best_step()
+  best = next(r for r in evals if r["step"] == best_step)
+  verdict = gate.judge(best, [r["interval_train_loss"] for r in evals if r["interval_train_loss"] is not None],
+                       config.gate)
+  summary = {
+      "train_accuracy": best["train_accuracy"], "val_accuracy": best["val_accuracy"],
+      "overfitting_gap": best["overfitting_gap"], "val_loss": best["val_loss"], "train_loss": best["train_loss"],
+      "val_reward_mean": best["val_reward_mean"], "val_reward_std": best["val_reward_std"],
+      "num_parameters": int(num_params), "vocab_size": model_cfg.vocab_size, "training_steps": num_steps,
+      "best_step": best_step, "latest_step": ckpt.latest_step(), "random_baseline_accuracy": 0.5,
+      "padding_fraction": padding, "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
+      "gate": verdict, "gate_pass": verdict["pass"], **{k: v for k, v in prepared.stats.items()},
+  }
+  gate_text = gate.render(verdict)
+  if is_main:
+    report.write_json(os.path.join(workdir, "metrics.json"), summary)
+    report.plot_curves(history.rows, os.path.join(workdir, "learning_curves.png"))
+    with open(os.path.join(workdir, "README.md"), "w") as f:
+      f.write(report.model_card(summary, config, gate_text))
+    print(gate_text, flush=True)
+  ckpt.close()
+  return summary
+
+
+class _Running:
+  """Means of step metrics over a stretch of steps."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.sums, self.n = {}, 0
+
+  def add(self, m: dict):
+    for k, v in m.items():
+      if k != "count":
+        self.sums[k] = self.sums.get(k, 0.0) + v
+    self.n += 1
+
+  def mean(self, key):
+    return self.sums[key] / self.n if self.n else None
