@@ -22,6 +22,9 @@ def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.data = d = ml_collections.ConfigDict()
+  d.source = "jsonl"  # jsonl: train_path/validation_path files; tfds: a TFDS dataset read via array_record.
+  d.tfds_name = ""  # TFDS dataset name (source=tfds), e.g. "my_prefs" or "my_prefs:1.0.0".
+  d.tfds_data_dir = ""  # Folder holding the TFDS dataset (source=tfds).
   d.train_path = ""  # Preference JSONL (or .json / .jsonl.gz); "" trains on the embedded synthetic task.
   d.validation_path = ""  # Optional explicit validation file; "" splits train_path 80/20 grouped by prompt.
   d.validation_fraction = 0.2  # Share of prompts held out when no validation_path is given.
@@ -104,6 +107,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
+    ("data", "source"): ("jsonl", "tfds"),
     ("data", "format"): ("auto", "explicit", "implicit", "conversational"),
     ("data", "on_bad_line"): ("error", "skip"),
     ("data", "truncation"): ("keep_end", "drop"),

@@ -36,7 +36,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh. With no -1 axis and a single process, the first N devices are used."""
   devices = jax.devices() if devices is None else devices
+  fixed = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if -1 not in fixed and jax.process_count() == 1 and 0 < math.prod(fixed) < len(devices):
+    devices = devices[:math.prod(fixed)]
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: the embedding gather does not type-check under jax 0.10's default Explicit axes.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
