@@ -1,10 +1,17 @@
-"""The training corpus: read the configured source, clean it, split it, tokenize it."""
+"""The training corpus: read the configured source, clean it, split it, tokenize it.
+
+Sources: `data.train_path` (+ optional `validation_path`) files, a TFDS dataset (`data.source = "tfds"`,
+splits train + optional validation, see tfds_data.py), or the embedded synthetic task. Whatever the
+source, exact-duplicate pairs are dropped (first copy kept), and training pairs whose prompt also occurs in
+an explicit validation set are dropped ("leaks"); without one, the 80/20 split is grouped by prompt so none
+can occur. Every count goes into `stats` (and from there metrics.json and the model card).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from jaxreward import configuration, data, pipeline, synthetic, tokenizer as tokenizer_lib
+from jaxreward import configuration, data, pipeline, synthetic, tfds_data, tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
@@ -18,26 +25,45 @@ class PreparedData:
 def prepare(config, log) -> PreparedData:
   """Reads, cleans, splits and tokenizes the configured data; every problem is a one-line ConfigError."""
   d, seed = config.data, config.train.seed
-  stats = {"bad_lines_skipped": 0, "skip_reasons": [], "duplicates_removed": 0, "leaks_removed": 0}
+  stats = {"bad_lines_skipped": 0, "skip_reasons": [], "duplicates_removed": 0, "leaks_removed": 0,
+           "one_empty_response_kept": 0}
 
-  def read(path):
-    pairs, rep = data.load_pairs(path, d.format, d.on_bad_line)
+  def account(pairs, rep):
     stats["bad_lines_skipped"] += rep.skipped
     stats["skip_reasons"] += rep.skip_reasons
+    stats["one_empty_response_kept"] += rep.one_empty
     if rep.skipped:
-      log(f"data: skipped {rep.skipped} bad lines of {path}; first: {'; '.join(rep.skip_reasons[:3])}")
+      log(f"data: skipped {rep.skipped} bad lines of {rep.path}; first: {'; '.join(rep.skip_reasons[:3])}")
+    if rep.one_empty:
+      log(f"data: kept {rep.one_empty} pairs of {rep.path} whose chosen or rejected response is empty")
     return pairs
 
-  if not d.train_path:
+  if d.source == "tfds":
+    if d.train_path or d.validation_path:
+      raise configuration.ConfigError("config: data.source='tfds' reads data.tfds_name from data.tfds_data_dir; "
+                                      "leave data.train_path and data.validation_path empty")
+    splits = tfds_data.read(d.tfds_name, d.tfds_data_dir, d.format, d.on_bad_line)
+    train_read = account(*splits["train"])
+    val_read = account(*splits["validation"]) if "validation" in splits else None
+  elif d.train_path:
+    train_read = account(*data.load_pairs(d.train_path, d.format, d.on_bad_line))
+    val_read = account(*data.load_pairs(d.validation_path, d.format, d.on_bad_line)) if d.validation_path else None
+  else:
+    train_read = val_read = None
+
+  if train_read is None:
     train_pairs, val_pairs = data.split(synthetic.generate(d.synthetic_pairs, seed), d.validation_fraction, seed)
   else:
-    all_pairs, stats["duplicates_removed"] = data.deduplicate(read(d.train_path))
-    if d.validation_path:
-      val_pairs, dups = data.deduplicate(read(d.validation_path))
+    all_pairs, stats["duplicates_removed"] = data.deduplicate(train_read)
+    if val_read is not None:
+      val_pairs, dups = data.deduplicate(val_read)
       stats["duplicates_removed"] += dups
       train_pairs, stats["leaks_removed"] = data.remove_leaks(all_pairs, val_pairs)
     else:
       train_pairs, val_pairs = data.split(all_pairs, d.validation_fraction, seed)
+    if stats["duplicates_removed"] or stats["leaks_removed"]:
+      log(f"data: removed {stats['duplicates_removed']} duplicate pairs and {stats['leaks_removed']} training "
+          "pairs whose prompt is in the validation set")
   if not train_pairs or not val_pairs:
     raise configuration.ConfigError(f"data: {len(train_pairs)} training and {len(val_pairs)} validation pairs "
                                     "after splitting; both must be non-empty")
@@ -59,4 +85,7 @@ def prepare(config, log) -> PreparedData:
         f"({d.truncation}); need at least one batch ({config.train.batch_size}) and one validation pair")
   stats.update(train_pairs=len(train), val_pairs=len(validation), truncated_pairs=train.truncated + validation.truncated,
                dropped_pairs=train.dropped + validation.dropped)
+  if stats["truncated_pairs"] or stats["dropped_pairs"]:
+    log(f"data: {stats['truncated_pairs']} pairs cut to max_length={d.max_length} (keep_end) and "
+        f"{stats['dropped_pairs']} dropped as too long (truncation={d.truncation})")
   return PreparedData(tok, train, validation, stats)

@@ -6,9 +6,21 @@ Three layouts are read, detected per line unless `data.format` fixes one:
                   shared prefix up to and including the last "\\n\\nAssistant:".
 - conversational: {"prompt": [{"role", "content"}...], "chosen": [assistant messages] or str, "rejected": ...}
 An optional numeric "margin" is kept for the margin loss, and any other field (e.g. "category") is
-kept in `Pair.extra` for error analysis. Files may be .jsonl, .jsonl.gz or a .json array.
+kept in `Pair.extra` for error analysis. Files may be .jsonl, .jsonl.gz, a .json array (or .json.gz); a
+.json file that does not start with "[" is read as JSONL (HF `Dataset.to_json` writes JSONL under .json).
+Conversations may also leave out "prompt" (TRL's implicit-prompt layout): the prompt is then the longest
+run of leading messages chosen and rejected share. A string prompt next to message-list responses is one
+user message.
 
-A bad line is reported as `file:line: problem` (ConfigError) or, with on_bad_line="skip", counted.
+Empty or whitespace-only texts are bad lines (prompt messages, conversation contents, transcripts, both
+responses at once), with one exception: ONE empty response next to a non-empty one is kept and counted,
+because "the model said nothing" is a real answer that humans rank (PandaLM: 51 empty rejected and 1 empty
+chosen of 894; Auto-J: 1); its reward is read at the EOS right after the prompt. A text prompt may be empty
+(ETHICS has none).
+
+A bad line is reported as `file:line: problem` (ConfigError) or, with on_bad_line="skip", counted. A UTF-8
+BOM (on any line: concatenated files carry several), CRLF endings and blank lines are accepted silently.
+Lines are read with a bounded buffer so an absurdly long line costs MAX_LINE_BYTES of memory, not its size.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import math
 import os
+import zlib
 
 from jaxreward.configuration import ConfigError
 
@@ -56,35 +70,74 @@ class LoadReport:
   skipped: int = 0
   skip_reasons: list = dataclasses.field(default_factory=list)
   formats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  one_empty: int = 0  # Pairs kept with one empty response.
 
 
 class BadLine(Exception):
   pass
 
 
-def _text(value, key: str) -> str:
+def _json_type(value) -> str:
+  """The JSON name of a parsed value's type, for messages that speak the file's language."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "boolean"
+  return {str: "string", int: "number", float: "number", list: "array", dict: "object"}.get(type(value), "value")
+
+
+def _text(value, key: str, allow_empty: bool = False) -> str:
   if not isinstance(value, str):
-    raise BadLine(f"key {key!r} must be a string, got {type(value).__name__}")
-  if not value.strip():
-    raise BadLine(f"key {key!r} is empty")
+    raise BadLine(f"key {key!r} must be a string, got {_json_type(value)}")
+  if not value.strip() and not allow_empty:
+    raise BadLine(f"key {key!r} is empty or whitespace-only")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    # json.loads accepts "\ud800"; the tokenizer would crash on it much later, without a line number.
+    raise BadLine(f"key {key!r} holds an unpaired surrogate escape (\\u{ord(value[e.start]):04x})") from None
   return value
 
 
-def _messages(value, key: str, assistant_only: bool) -> list:
+def _messages(value, key: str, assistant_only: bool, allow_empty: bool = False) -> list:
   if isinstance(value, str):
-    return [{"role": "assistant", "content": _text(value, key)}]
+    # A bare string response is one assistant turn; a bare string prompt is one user turn.
+    return [{"role": "assistant" if assistant_only else "user", "content": _text(value, key, allow_empty)}]
   if not isinstance(value, list) or not value:
-    raise BadLine(f"key {key!r} must be a non-empty list of {{role, content}} messages")
+    got = "an empty array" if value == [] else _json_type(value)
+    raise BadLine(f"key {key!r} must be a non-empty array of {{role, content}} messages, got {got}")
   out = []
   for i, msg in enumerate(value):
-    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg:
+    if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
       raise BadLine(f"{key}[{i}] must be an object with 'role' and 'content'")
     if msg["role"] not in ROLES:
       raise BadLine(f"{key}[{i}] has unknown role {msg['role']!r}; expected one of {', '.join(ROLES)}")
     if assistant_only and msg["role"] != "assistant":
       raise BadLine(f"{key}[{i}] has role {msg['role']!r}; responses must be assistant messages")
-    out.append({"role": msg["role"], "content": _text(msg["content"], f"{key}[{i}].content")})
+    out.append({"role": msg["role"], "content": _text(msg["content"], f"{key}[{i}].content", allow_empty)})
   return out
+
+
+def split_conversation(chosen: list, rejected: list) -> tuple[list, list, list]:
+  """Implicit-prompt conversations: the prompt is the longest run of leading messages both sides share."""
+  shared = 0
+  while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+    shared += 1
+  # Each response must keep at least one message (one side may extend the other): give back shared turns.
+  while shared and (shared == len(chosen) or shared == len(rejected)):
+    shared -= 1
+  if not shared:
+    raise BadLine("conversation without 'prompt': chosen and rejected share no leading message")
+  prompt, chosen_tail, rejected_tail = chosen[:shared], chosen[shared:], rejected[shared:]
+  for i, msg in enumerate(prompt):
+    if not msg["content"].strip():
+      raise BadLine(f"chosen[{i}].content (part of the shared prompt) is empty or whitespace-only")
+  for key, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
+    for msg in tail:
+      if msg["role"] != "assistant":
+        raise BadLine(f"{key}: after the shared prompt, message with role {msg['role']!r}; responses must be "
+                      "assistant messages")
+  return prompt, chosen_tail, rejected_tail
 
 
 def split_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -97,44 +150,156 @@ def split_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
   return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def response_text(response) -> str:
+  return response if isinstance(response, str) else "".join(m["content"] for m in response)
+
+
 def detect_format(row: dict) -> str:
+  if any(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+    return "conversational"
   if "prompt" not in row:
     return "implicit"
-  if isinstance(row["prompt"], list) or isinstance(row.get("chosen"), list):
-    return "conversational"
   return "explicit"
 
 
 def parse_row(row, fmt: str) -> tuple[Pair, str]:
+  """One parsed JSON value -> (Pair, format); raises BadLine naming the problem."""
   if not isinstance(row, dict):
-    raise BadLine(f"expected a JSON object, got {type(row).__name__}")
+    raise BadLine(f"expected a JSON object, got {_json_type(row)}")
   for key in ("chosen", "rejected"):
     if key not in row:
-      raise BadLine(f"missing key {key!r}")
+      raise BadLine(f"missing key {key!r} (keys present: {', '.join(sorted(row)) or 'none'})")
   kind = detect_format(row) if fmt == "auto" else fmt
+  lists = isinstance(row["chosen"], list) and isinstance(row["rejected"], list)
+  if kind == "implicit" and lists:
+    kind = "conversational"  # TRL's implicit prompt with message lists.
   if kind == "explicit":
     if "prompt" not in row:
       raise BadLine("missing key 'prompt'")
     prompt = row["prompt"]
     if not isinstance(prompt, str):
-      raise BadLine(f"key 'prompt' must be a string, got {type(prompt).__name__}")
-    chosen, rejected = _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected")
+      raise BadLine(f"key 'prompt' must be a string, got {_json_type(prompt)}")
+    chosen = _text(row["chosen"], "chosen", allow_empty=True)
+    rejected = _text(row["rejected"], "rejected", allow_empty=True)
   elif kind == "implicit":
+    if "prompt" in row and fmt == "implicit" and row["prompt"] not in ("", None):
+      raise BadLine("data.format=implicit but the line has a non-empty 'prompt'")
     prompt, chosen, rejected = split_transcript(_text(row["chosen"], "chosen"), _text(row["rejected"], "rejected"))
-    _text(chosen, "chosen (after the shared prompt)"), _text(rejected, "rejected (after the shared prompt)")
-  else:
-    if "prompt" not in row:
-      raise BadLine("missing key 'prompt'")
+    if not chosen.strip() and not rejected.strip():
+      raise BadLine("both responses are empty after the shared prompt")
+  elif "prompt" in row:
     prompt = _messages(row["prompt"], "prompt", assistant_only=False)
-    chosen = _messages(row["chosen"], "chosen", assistant_only=True)
-    rejected = _messages(row["rejected"], "rejected", assistant_only=True)
+    chosen = _messages(row["chosen"], "chosen", assistant_only=True, allow_empty=True)
+    rejected = _messages(row["rejected"], "rejected", assistant_only=True, allow_empty=True)
+  else:
+    if not lists:
+      raise BadLine("conversation without 'prompt': chosen and rejected must both be message arrays")
+    prompt, chosen, rejected = split_conversation(
+        _messages(row["chosen"], "chosen", assistant_only=False, allow_empty=True),
+        _messages(row["rejected"], "rejected", assistant_only=False, allow_empty=True))
   if chosen == rejected:
     raise BadLine("chosen is identical to rejected")
+  if not response_text(chosen).strip() and not response_text(rejected).strip():
+    raise BadLine("chosen and rejected are both empty or whitespace-only")
   margin = row.get("margin", 0.0)
-  if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
-    raise BadLine(f"key 'margin' must be a number, got {margin!r}")
+  if margin is None:
+    margin = 0.0  # Exports from pandas write null for a missing margin.
+  if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+    raise BadLine(f"key 'margin' must be a finite number, got {margin!r}")
   extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
   return Pair(prompt, chosen, rejected, float(margin), extra), kind
+
+
+def _decode_json(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
+  except RecursionError:
+    raise BadLine("invalid JSON (nested too deeply)") from None
+  except ValueError as e:  # e.g. an integer of more than 4300 digits.
+    raise BadLine(f"invalid JSON ({e})") from None
+
+
+def _read_lines(f):
+  """Yields (line_number, bytes or BadLine) with at most MAX_LINE_BYTES of any line in memory."""
+  number = 0
+  while True:
+    line = f.readline(MAX_LINE_BYTES + 1)
+    if not line:
+      return
+    number += 1
+    if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+      size = len(line)
+      while line and not line.endswith(b"\n"):  # Skip the rest of the line in bounded chunks.
+        line = f.readline(1 << 20)
+        size += len(line)
+      yield number, BadLine(f"line is {size:,} bytes; longer than the {MAX_LINE_BYTES:,} a pair may take")
+      continue
+    yield number, line
+
+
+def _json_array(path: str, raw: bytes):
+  """Yields (line_number, element) of a JSON array, numbering each element by the line it starts on."""
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise ConfigError(f"data: {path}:{line}: not UTF-8 (byte {e.start}); a .json array cannot skip it") from None
+  decoder, pos, line, counted = json.JSONDecoder(), 0, 1, 0
+
+  def skip_space(i):
+    while i < len(text) and text[i] in " \t\r\n":
+      i += 1
+    return i
+
+  def line_of(i):
+    nonlocal line, counted
+    line += text.count("\n", counted, i)
+    counted = i
+    return line
+
+  pos = skip_space(pos)
+  if text[pos:pos + 1] != "[":
+    raise ConfigError(f"data: {path}: a .json file must hold an array of pairs")
+  pos = skip_space(pos + 1)
+  if text[pos:pos + 1] == "]":
+    return
+  while True:
+    where = line_of(pos)
+    try:
+      row, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"data: {path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); a .json array "
+                        "cannot be read past a syntax error") from None
+    except (RecursionError, ValueError) as e:
+      raise ConfigError(f"data: {path}:{where}: invalid JSON ({e or 'nested too deeply'})") from None
+    yield where, row
+    pos = skip_space(pos)
+    if text[pos:pos + 1] == "]":
+      if skip_space(pos + 1) != len(text):
+        raise ConfigError(f"data: {path}:{line_of(skip_space(pos + 1))}: text after the closing ']'")
+      return
+    if text[pos:pos + 1] != ",":
+      raise ConfigError(f"data: {path}:{line_of(pos)}: expected ',' or ']' between array elements")
+    pos = skip_space(pos + 1)
+
+
+def _lines(path: str):
+  """Yields (line_number, raw bytes | BadLine) of a JSONL file, or (line_number, object) of a JSON array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    if path.removesuffix(".gz").endswith(".json"):
+      raw = f.read()
+      if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        yield from _json_array(path, raw)
+        return
+      # JSONL under a .json name: read it line by line below.
+      for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        too_long = len(line) > MAX_LINE_BYTES
+        yield number, BadLine(f"line is {len(line):,} bytes; longer than {MAX_LINE_BYTES:,}") if too_long else line
+      return
+    yield from _read_lines(f)
 
 
 def _lines(path: str):
@@ -157,6 +322,7 @@ def _lines(path: str):
 
 
 def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Pair], LoadReport]:
+  """Reads one preference file; every problem is a one-line ConfigError naming `file:line` (or is skipped)."""
   if not os.path.exists(path):
     raise ConfigError(f"data: {path}: no such file")
   if os.path.isdir(path):
@@ -166,20 +332,20 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
     for number, raw in _lines(path):
       where = f"{path}:{number}"
       try:
+        if isinstance(raw, BadLine):
+          report.lines += 1
+          raise raw
         if isinstance(raw, bytes):
-          if len(raw) > MAX_LINE_BYTES:
-            raise BadLine(f"line is {len(raw):,} bytes; longer than {MAX_LINE_BYTES:,}")
           try:
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            # utf-8-sig on every line: a BOM may start any line of concatenated files.
+            text = raw.decode("utf-8-sig")
           except UnicodeDecodeError as e:
-            raise BadLine(f"not UTF-8 (byte {e.start})") from None
+            report.lines += 1
+            raise BadLine(f"not UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})") from None
           if not text.strip():
             continue  # Blank lines (and trailing CR/LF) are layout, not data.
           report.lines += 1
-          try:
-            row = json.loads(text)
-          except json.JSONDecodeError as e:
-            raise BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
+          row = _decode_json(text)
         else:
           report.lines += 1
           row = raw
@@ -193,11 +359,12 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
         continue
       pair.where = where
       report.formats[kind] += 1
+      report.one_empty += not (response_text(pair.chosen).strip() and response_text(pair.rejected).strip())
       pairs.append(pair)
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise ConfigError(f"data: {path}: cannot read ({e})") from None
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
+    raise ConfigError(f"data: {path}: cannot read ({type(e).__name__}: {e})") from None
   if report.lines == 0:
-    raise ConfigError(f"data: {path}: the file holds no pairs")
+    raise ConfigError(f"data: {path}: the file is empty (no pairs)")
   if not pairs:
     raise ConfigError(f"data: {path}: no usable pair among {report.lines} lines "
                       f"(first problems: {'; '.join(report.skip_reasons[:2])})")

@@ -15,26 +15,68 @@ spent on padding. The grain iterator's state (the next step) is saved with every
 from __future__ import annotations
 
 import dataclasses
+import os
 
+from absl import logging
 import grain
 import numpy as np
 
+from jaxreward.configuration import ConfigError
 from jaxreward.data import Pair
 
-PLAIN_TEMPLATE = "<|{role}|>\n{content}\n"  # Used for conversations when the tokenizer has no chat template.
+# The plain template, for conversations when the tokenizer has no chat template (e.g. our own BPE):
+#   prompt   = "<|user|>\nHi\n" ... (every prompt message as PLAIN_TEMPLATE) + "<|assistant|>\n"
+#   response = "Hello\n" (+ "<|assistant|>\nmore\n" for each further response message)
+# so prompt + response is exactly the PLAIN_TEMPLATE rendering of the whole conversation; EOS follows.
+PLAIN_TEMPLATE = "<|{role}|>\n{content}\n"
+_warned_templates = set()
+
+
+def _chat(tok, messages, **kwargs) -> str:
+  try:
+    return tok.apply_chat_template(messages, tokenize=False, **kwargs)
+  except Exception as e:  # Jinja templates raise anything (TemplateError, TypeError) on roles they reject.
+    first = str(messages[0].get("content", ""))[:40] if messages else ""
+    raise ConfigError(f"tokenizer: the chat template cannot render the conversation starting {first!r} "
+                      f"({type(e).__name__}: {e}); fix the roles or set data.tokenizer to one whose template "
+                      "accepts them") from None
 
 
 def render(pair_side_prompt, response, tok) -> tuple[str, str]:
-  """(prompt text, response text) of one side; conversations go through the chat template."""
+  """(prompt text, response text) of one side; prompt + response is the text that is scored.
+
+  Text pairs are used as they are (no separator is added). Conversations go through the tokenizer's chat
+  template when it has one, else through PLAIN_TEMPLATE (above). The prompt is the template's rendering
+  with the generation prompt; the response is what the whole conversation's rendering adds to it. Templates
+  whose whole rendering does not extend that prefix (some add a generation prompt the conversation does not
+  contain, e.g. an empty "<think>" block) fall back to the longest shared prefix: the scored text is still the
+  template's exact rendering, only the prompt/response boundary moves, and that boundary only decides what
+  keep_end truncation cuts first. A template that drops the response text is an error, not a silent pair.
+  """
   if isinstance(pair_side_prompt, str):
     return pair_side_prompt, response
   if getattr(tok, "chat_template", None):
-    prompt_text = tok.apply_chat_template(pair_side_prompt, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(pair_side_prompt + response, tokenize=False)
-    if full.startswith(prompt_text):
-      return prompt_text, full[len(prompt_text):]
-    return tok.apply_chat_template(pair_side_prompt, tokenize=False), full[len(
-        tok.apply_chat_template(pair_side_prompt, tokenize=False)):]
+    prompt_text = _chat(tok, pair_side_prompt, add_generation_prompt=True)
+    full = _chat(tok, pair_side_prompt + response)
+    if not full.startswith(prompt_text):
+      bare = _chat(tok, pair_side_prompt)
+      if full.startswith(bare):
+        prompt_text = bare
+      else:
+        prompt_text = full[:len(os.path.commonprefix([prompt_text, full]))]
+        key = getattr(tok, "name_or_path", "") or str(hash(tok.chat_template))
+        if key not in _warned_templates:
+          _warned_templates.add(key)
+          logging.warning("chat template of %r: the conversation's rendering does not start with the prompt's "
+                          "rendering; splitting prompt and response at their longest shared prefix", key)
+    body = full[len(prompt_text):]
+    # The tail of each message must survive (some templates rewrite a reasoning head, none the answer's end).
+    missing = [m["content"] for m in response if m["content"].strip()[-32:] not in body]
+    if missing:
+      raise ConfigError(f"tokenizer: the chat template drops the response text {missing[0][:40]!r} (after the "
+                        f"prompt it renders only {body[:60]!r}); use a tokenizer whose template renders the last "
+                        "assistant turn")
+    return prompt_text, body
   prompt_text = "".join(PLAIN_TEMPLATE.format(**m) for m in pair_side_prompt) + "<|assistant|>\n"
   body = "".join(PLAIN_TEMPLATE.format(**m) for m in response)
   return prompt_text, body[len("<|assistant|>\n"):]
