@@ -294,31 +294,18 @@ def _lines(path: str):
       if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         yield from _json_array(path, raw)
         return
-      # JSONL under a .json name: read it line by line below.
+      try:
+        whole = json.loads(raw.decode("utf-8-sig"))
+      except (ValueError, RecursionError):
+        whole = None  # Not one JSON document: JSONL under a .json name, read line by line below.
+      if isinstance(whole, dict) and "chosen" not in whole:
+        raise ConfigError(f"data: {path}: a .json file must hold an array of pairs (or one pair per line); this "
+                          f"one is a single object with keys {', '.join(sorted(whole))[:200]}")
       for number, line in enumerate(raw.splitlines(keepends=True), 1):
         too_long = len(line) > MAX_LINE_BYTES
         yield number, BadLine(f"line is {len(line):,} bytes; longer than {MAX_LINE_BYTES:,}") if too_long else line
       return
     yield from _read_lines(f)
-
-
-def _lines(path: str):
-  """Yields (line_number, raw bytes) of a JSONL file, or (index, object) of a JSON array."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    if path.endswith(".json"):
-      raw = f.read()
-      try:
-        rows = json.loads(raw.decode("utf-8-sig"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"data: {path}: not a valid JSON array ({e})") from None
-      if not isinstance(rows, list):
-        raise ConfigError(f"data: {path}: a .json file must hold an array of pairs")
-      for i, row in enumerate(rows, 1):
-        yield i, row
-      return
-    for i, line in enumerate(f, 1):
-      yield i, line
 
 
 def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Pair], LoadReport]:

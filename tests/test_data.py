@@ -1,0 +1,290 @@
+"""data.py: the three formats, and every kind of bad input as a one-line `file:line` error or a counted skip."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from jaxreward import data, pipeline
+from jaxreward.configuration import ConfigError
+
+GOOD = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+
+
+def write(tmp_path, name, content) -> str:
+  path = tmp_path / name
+  if isinstance(content, list):  # Rows -> JSONL.
+    content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content)
+  path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+  return str(path)
+
+
+# --- formats ------------------------------------------------------------------------------------------------
+
+
+def test_explicit_keeps_margin_and_extra_fields(tmp_path):
+  path = write(tmp_path, "a.jsonl", [dict(GOOD, margin=2, category="x"), {"prompt": "", "chosen": "a", "rejected": "b"}])
+  pairs, rep = data.load_pairs(path)
+  assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected, pairs[0].margin) == ("Q?", "yes", "no", 2.0)
+  assert pairs[0].extra == {"category": "x"} and pairs[0].where == f"{path}:1"
+  assert pairs[1].prompt == "" and rep.formats == {"explicit": 2}
+
+
+def test_implicit_prompt_is_shared_prefix_through_last_assistant_turn(tmp_path):
+  head = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
+  path = write(tmp_path, "a.jsonl", [{"chosen": head + " well", "rejected": head + " badly"}])
+  (pair,), rep = data.load_pairs(path)
+  assert (pair.prompt, pair.chosen, pair.rejected) == (head, " well", " badly")
+  assert rep.formats == {"implicit": 1}
+
+
+def test_conversational_layouts(tmp_path):
+  user = {"role": "user", "content": "hi"}
+  rows = [
+      {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+      # A string prompt beside message responses is one user message.
+      {"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant",
+                                                                                       "content": "b"}]},
+      # TRL's implicit prompt: whole conversations, the shared leading messages are the prompt.
+      {"chosen": [user, {"role": "assistant", "content": "a"}], "rejected": [user, {"role": "assistant",
+                                                                                   "content": "b"}]},
+  ]
+  pairs, rep = data.load_pairs(write(tmp_path, "c.jsonl", rows))
+  assert rep.formats == {"conversational": 3}
+  for pair in pairs:
+    assert pair.prompt == [user]
+    assert pair.chosen == [{"role": "assistant", "content": "a"}]
+    assert pair.rejected == [{"role": "assistant", "content": "b"}]
+
+
+def test_format_override_rejects_other_layouts(tmp_path):
+  path = write(tmp_path, "a.jsonl", [{"chosen": "x", "rejected": "y"}])
+  with pytest.raises(ConfigError, match=r"a\.jsonl:1: missing key 'prompt'"):
+    data.load_pairs(path, fmt="explicit")
+
+
+def test_one_empty_response_is_kept_and_counted(tmp_path):
+  # PandaLM ranks empty model outputs; the empty side is a real answer, read at EOS after the prompt.
+  pairs, rep = data.load_pairs(write(tmp_path, "a.jsonl", [dict(GOOD, rejected=""), dict(GOOD, chosen=" ")]))
+  assert len(pairs) == 2 and rep.one_empty == 2
+
+
+# --- accepted layout quirks ---------------------------------------------------------------------------------
+
+
+def test_bom_crlf_and_blank_lines_are_accepted(tmp_path):
+  line = json.dumps(GOOD).encode()
+  other = json.dumps(dict(GOOD, chosen="other")).encode()
+  # BOM on line 1 and again mid-file (concatenated files), CRLF endings, blank and whitespace lines.
+  content = b"\xef\xbb\xbf" + line + b"\r\n\r\n   \n\xef\xbb\xbf" + other + b"\r\n"
+  pairs, rep = data.load_pairs(write(tmp_path, "a.jsonl", content))
+  assert [p.chosen for p in pairs] == ["yes", "other"] and rep.lines == 2
+  assert pairs[1].where.endswith(":4")  # Line numbers count blank lines.
+
+
+def test_json_array_numbers_elements_by_line(tmp_path):
+  text = "\ufeff[\n" + json.dumps(GOOD) + ",\n\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n]\n"
+  path = write(tmp_path, "a.json", text)
+  with pytest.raises(ConfigError, match=r"a\.json:4: missing key 'rejected'"):
+    data.load_pairs(path)
+  pairs, rep = data.load_pairs(path, on_bad_line="skip")
+  assert len(pairs) == 1 and pairs[0].where == f"{path}:2" and rep.skipped == 1
+
+
+def test_json_array_syntax_error_names_its_line(tmp_path):
+  path = write(tmp_path, "a.json", "[\n" + json.dumps(GOOD) + ",\n{\"prompt\": oops}\n]")
+  with pytest.raises(ConfigError, match=r"a\.json:3: invalid JSON"):
+    data.load_pairs(path, on_bad_line="skip")
+
+
+def test_json_that_is_really_jsonl_and_gzip(tmp_path):
+  rows = [GOOD, dict(GOOD, chosen="2")]
+  assert len(data.load_pairs(write(tmp_path, "a.json", rows))[0]) == 2
+  raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
+  assert len(data.load_pairs(write(tmp_path, "a.jsonl.gz", gzip.compress(raw)))[0]) == 2
+  array = gzip.compress(json.dumps(rows).encode())
+  assert len(data.load_pairs(write(tmp_path, "a.json.gz", array))[0]) == 2
+
+
+# --- bad lines ----------------------------------------------------------------------------------------------
+
+ASSISTANT = {"role": "assistant", "content": "a"}
+BAD_LINES = [
+    ("invalid-json", b'{"prompt": "Q", "chosen": "a",', "invalid JSON"),
+    ("not-an-object", b'["Q", "a", "b"]', "expected a JSON object, got array"),
+    ("missing-key", b'{"prompt": "Q", "chosen": "a"}', "missing key 'rejected'"),
+    ("wrong-type", b'{"prompt": "Q", "chosen": 3, "rejected": "b"}', "'chosen' must be a string, got number"),
+    ("null", b'{"prompt": null, "chosen": "a", "rejected": "b"}', "'prompt' must be a string, got null"),
+    ("both-empty", b'{"prompt": "Q", "chosen": "", "rejected": " \\t"}', "both empty"),
+    ("whitespace-message", json.dumps({"prompt": [{"role": "user", "content": "  "}], "chosen": [ASSISTANT],
+                                       "rejected": "b"}).encode(), "prompt[0].content' is empty"),
+    ("identical", b'{"prompt": "Q", "chosen": "same", "rejected": "same"}', "identical"),
+    ("unknown-role", json.dumps({"prompt": [{"role": "human", "content": "hi"}], "chosen": [ASSISTANT],
+                                 "rejected": "b"}).encode(), "unknown role 'human'"),
+    ("user-response", json.dumps({"prompt": [{"role": "user", "content": "hi"}], "chosen": [ASSISTANT],
+                                  "rejected": [{"role": "user", "content": "b"}]}).encode(), "must be assistant"),
+    ("not-utf8", b'{"prompt": "Q", "chosen": "caf\xe9", "rejected": "b"}', "not UTF-8"),
+    ("surrogate", b'{"prompt": "Q", "chosen": "\\ud800", "rejected": "b"}', "unpaired surrogate"),
+    ("nan-margin", b'{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": NaN}', "finite number"),
+    ("string-margin", b'{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": "1"}', "finite number"),
+    ("deep-nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("huge-integer", b'{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": ' + b"9" * 5000 + b"}",
+     "invalid JSON"),
+    ("no-shared-turn", b'{"chosen": "\\n\\nHuman: a", "rejected": "\\n\\nHuman: b"}', "share no"),
+]
+
+
+@pytest.mark.parametrize("name,line,problem", BAD_LINES, ids=[b[0] for b in BAD_LINES])
+def test_bad_line_is_one_line_error_or_counted_skip(tmp_path, name, line, problem):
+  good = json.dumps(GOOD).encode()
+  path = write(tmp_path, f"{name}.jsonl", good + b"\n" + line + b"\n" + good.replace(b"yes", b"ok") + b"\n")
+  with pytest.raises(ConfigError) as e:
+    data.load_pairs(path)
+  message = str(e.value)
+  assert f"{path}:2: " in message and problem in message and "\n" not in message
+  pairs, rep = data.load_pairs(path, on_bad_line="skip")
+  assert [p.chosen for p in pairs] == ["yes", "ok"]
+  assert rep.skipped == 1 and rep.skip_reasons[0].startswith(f"{path}:2: ")
+
+
+def test_absurdly_long_line_is_skipped_in_bounded_chunks(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+  long = json.dumps(dict(GOOD, chosen="x" * 5000)).encode()
+  path = write(tmp_path, "long.jsonl", long + b"\n" + json.dumps(GOOD).encode() + b"\n")
+  with pytest.raises(ConfigError, match=r"long\.jsonl:1: line is 5,0\d\d bytes; longer than"):
+    data.load_pairs(path)
+  pairs, rep = data.load_pairs(path, on_bad_line="skip")
+  # The reader resynchronises on the next line: line 2 still loads with its own number.
+  assert rep.skipped == 1 and [p.where for p in pairs] == [f"{path}:2"]
+
+
+def test_skip_reasons_are_capped(tmp_path):
+  path = write(tmp_path, "a.jsonl", b"{}\n" * 9 + json.dumps(GOOD).encode())
+  pairs, rep = data.load_pairs(path, on_bad_line="skip")
+  assert len(pairs) == 1 and rep.skipped == 9 and len(rep.skip_reasons) == data.SHOWN_SKIP_REASONS
+
+
+# --- bad files ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,problem", [
+    ("missing", "no such file"),
+    ("directory", "is a directory"),
+    ("empty", "the file is empty"),
+    ("blank", "the file is empty"),
+    ("nothing-usable", "no usable pair among 2 lines"),
+    ("bad-gzip", "cannot read"),
+    ("json-object", "must hold an array"),
+])
+def test_bad_file_is_one_line_error(tmp_path, case, problem):
+  path = str(tmp_path / "x.jsonl")
+  if case == "directory":
+    os.mkdir(path)
+  elif case == "empty":
+    write(tmp_path, "x.jsonl", b"")
+  elif case == "blank":
+    write(tmp_path, "x.jsonl", b"\n \r\n\n")
+  elif case == "nothing-usable":
+    write(tmp_path, "x.jsonl", b"{}\nnot json\n")
+  elif case == "bad-gzip":
+    path = write(tmp_path, "x.jsonl.gz", b"this is not gzip\n")
+  elif case == "json-object":
+    path = write(tmp_path, "x.json", json.dumps({"data": [GOOD]}))
+  with pytest.raises(ConfigError, match=problem) as e:
+    data.load_pairs(path, on_bad_line="skip")
+  assert path in str(e.value) and "\n" not in str(e.value)
+
+
+# --- hygiene ------------------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_leaks_are_removed_and_counted():
+  mk = lambda p, c: data.Pair(p, c, "r")
+  pairs = [mk("a", "1"), mk("a", "1"), mk("b", "1"), mk("c", "1"), mk("a", "2")]
+  kept, dups = data.deduplicate(pairs)
+  assert dups == 1 and [p.chosen for p in kept] == ["1", "1", "1", "2"]
+  train, leaks = data.remove_leaks(kept, [mk("a", "9")])
+  assert leaks == 2 and [p.prompt for p in train] == ["b", "c"]
+
+
+def test_split_keeps_each_prompt_on_one_side():
+  pairs = [data.Pair(f"p{i % 50}", f"c{i}", "r") for i in range(500)]
+  train, val = data.split(pairs, 0.2, seed=0)
+  assert len(train) + len(val) == 500 and 0.15 < len(val) / 500 < 0.25
+  assert not {p.prompt for p in train} & {p.prompt for p in val}
+  assert data.split(pairs, 0.2, seed=0) == (train, val)
+
+
+# --- render -------------------------------------------------------------------------------------------------
+
+
+class FakeChatTokenizer:
+  """apply_chat_template with a pluggable renderer: lets each template quirk be tested in isolation."""
+
+  chat_template = "fake"
+  name_or_path = "fake"
+
+  def __init__(self, renderer):
+    self.renderer = renderer
+
+  def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+    assert not tokenize
+    return self.renderer(messages, add_generation_prompt)
+
+
+def chatml(messages, gen, think=False):
+  text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+  return text + ("<|im_start|>assistant\n" + ("<think></think>" if think else "") if gen else "")
+
+
+CONV = ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
+
+
+def test_render_plain_template_is_the_documented_one():
+  prompt, body = pipeline.render(*CONV, tok=None)
+  assert prompt == "<|user|>\nhi\n<|assistant|>\n" and body == "hello\n"
+  assert pipeline.render("Q", "A", None) == ("Q", "A")
+
+
+def test_render_chat_template_prefix_and_fallback():
+  prompt, body = pipeline.render(*CONV, tok=FakeChatTokenizer(chatml))
+  assert prompt.endswith("<|im_start|>assistant\n") and body == "hello<|im_end|>\n"
+  # A generation prompt the whole conversation does not contain: split at the shared prefix, and the scored
+  # text is still exactly the template's rendering of the conversation.
+  tok = FakeChatTokenizer(lambda m, g: chatml(m, g, think=True))
+  prompt, body = pipeline.render(*CONV, tok=tok)
+  assert prompt + body == chatml(CONV[0] + CONV[1], False) and "hello" in body
+
+
+def test_render_template_that_drops_or_rejects_the_response_is_a_config_error():
+  drops = FakeChatTokenizer(lambda m, g: chatml([x for x in m if x["role"] != "assistant"], g))
+  with pytest.raises(ConfigError, match="drops the response"):
+    pipeline.render(*CONV, tok=drops)
+
+  def strict(messages, gen):
+    raise ValueError("Conversation roles must alternate user/assistant")
+  with pytest.raises(ConfigError, match="cannot render the conversation starting 'hi'.*must alternate"):
+    pipeline.render(*CONV, tok=FakeChatTokenizer(strict))
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["missing", "bad-line"])
+def test_main_reports_bad_input_in_one_line_with_exit_2(tmp_path, case):
+  if case == "missing":
+    path, expected = str(tmp_path / "nope.jsonl"), "does not exist"
+  else:
+    path = write(tmp_path, "bad.jsonl", json.dumps(GOOD) + "\n{\"prompt\": \"Q\", \"chosen\": \"a\"}\n")
+    expected = f"{path}:2: missing key 'rejected'"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxreward.main", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+       f"--config.data.train_path={path}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
