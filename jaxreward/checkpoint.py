@@ -36,11 +36,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict, metrics: dict) -> None:
-    """Starts an asynchronous save; the train state's buffers may be donated right after."""
+  def save(self, step: int, state, data_state: dict, metrics: dict | None) -> None:
+    """Starts an asynchronous save; the train state's buffers may be donated right after.
+
+    `metrics=None` marks a resume-only checkpoint (preemption): it is kept while it is the latest but never
+    ranked as best.
+    """
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)),
-                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+                      metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()}, force=True)
 
   def restore(self, step: int, target_state):
     """Restores onto `target_state`'s shapes, dtypes and shardings (any mesh, any device count)."""

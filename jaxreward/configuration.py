@@ -77,6 +77,7 @@ def defaults() -> ml_collections.ConfigDict:
   t.train_eval_pairs = 512  # Fixed sample of training pairs scored like validation to measure the gap.
   t.eval_batch_size = 64  # Pairs per evaluation batch.
   t.keep_best = 1  # Best-by-validation-accuracy checkpoints kept (the latest one is always kept too).
+  t.max_steps_per_run = 0  # Stop (with a checkpoint) after this many steps of one invocation; 0 = run to the end.
   t.compilation_cache = ""  # Folder for XLA's persistent compilation cache; "" disables.
   t.progress_bar = True  # tqdm bar with running loss and accuracy.
 

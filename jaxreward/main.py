@@ -18,17 +18,42 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; settings go through --config.SECTION.KEY=VALUE", file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
+  try:
+    config = _CONFIG.value
+    config.keys()  # A config file that failed to load only says so when first used.
+  except (OSError, AttributeError, SyntaxError, ImportError) as e:
+    print(f"error: bad config: {one_line(e)}", file=sys.stderr)
+    sys.exit(configuration.EXIT_BAD_INPUT)
   from jaxreward import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
   except configuration.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
   except train.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(configuration.EXIT_CRASH)
+  if summary.get("preempted"):
+    sys.exit(configuration.EXIT_PREEMPTED)
   sys.exit(configuration.EXIT_OK if summary["gate_pass"] else configuration.EXIT_GATE_FAILED)
 
 
+def one_line(error: Exception) -> str:
+  text = str(error).strip("'\"").replace("\\n", "\n")
+  return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad config file or override reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
+    message = one_line(e)
+  print(f"error: bad flags or config: {message}", file=sys.stderr)
+  sys.exit(configuration.EXIT_BAD_INPUT)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

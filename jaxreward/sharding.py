@@ -13,6 +13,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxreward.configuration import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # Parameters with at least this many elements must be sharded by some rule (or explicitly replicated by
 # naming only axes that map to None); anything smaller may stay unannotated.
@@ -23,14 +25,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Resolves the configured axis sizes, one of which may be -1 ("the rest")."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} must be positive with at most one -1")
+    raise ConfigError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} must be positive with at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+      raise ConfigError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+    raise ConfigError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
                      f"but {num_devices} are present")
   return tuple(sizes)
 

@@ -1,11 +1,12 @@
 """The embedded default task: preference pairs generated offline and deterministically from a seed.
 
-Three kinds of request, each answered correctly (chosen) and subtly wrongly (rejected). Both answers
-have the same length and, for two kinds, the very same words, so no single token or length gives the
-preference away: the model has to read the content and relate the answer to the prompt.
-- sort:    "Sort ascending: 42 7 19"          chosen "7 19 42"        rejected: two neighbours swapped
-- compare: "Which is larger, 42 or 17?"       chosen "42 is larger."  rejected "17 is larger."
-- repeat:  "Repeat exactly: red fox river"    chosen the same words   rejected: one word replaced
+Three kinds of request, each answered correctly (chosen) and wrongly (rejected). Both answers have the
+same length and shape, and every answer word is chosen under some prompts and rejected under others, so
+no single token or length gives the preference away: the model has to relate the answer to the prompt.
+- compare:  "Which is larger, 42 or 17?"        chosen "42 is larger."    rejected "17 is larger."
+- maximum:  "Which is the largest of 5 61 23?"  chosen "61."              rejected another number of the list
+- category: "Name a fruit."                     chosen "I would say lemon." rejected the same with a non-fruit
+Prompts end in "Answer:" and responses start with a space, so a word is the same token in both.
 """
 
 from __future__ import annotations
@@ -14,48 +15,50 @@ import numpy as np
 
 from jaxreward.data import Pair
 
-WORDS = ("apple river stone cloud maple tiger honey lemon piano rocket forest silver candle garden window "
-         "violet copper desert island marble orange pepper rabbit saddle thunder velvet walnut yellow zebra "
-         "anchor basket castle dragon engine falcon glacier harbor jungle kettle lantern meadow").split()
-KINDS = ("sort", "compare", "repeat")
-
-
-def _sort(rng) -> tuple[str, str, str]:
-  n = int(rng.integers(3, 7))
-  values = [int(v) for v in rng.choice(100, size=n, replace=False)]
-  ordered = sorted(values)
-  wrong = list(ordered)
-  i = int(rng.integers(0, n - 1))
-  wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-  text = lambda xs: " ".join(map(str, xs))
-  return f"Sort ascending: {text(values)}", text(ordered), text(wrong)
+CATEGORIES = {
+    "fruit": "apple lemon mango cherry peach plum grape melon".split(),
+    "animal": "tiger rabbit falcon zebra horse otter camel eagle".split(),
+    "color": "violet yellow orange silver purple green scarlet indigo".split(),
+    "tool": "hammer wrench chisel shovel pliers saw drill ladder".split(),
+    "city": "paris london madrid tokyo cairo lima oslo berlin".split(),
+    "instrument": "piano violin flute guitar trumpet harp drum cello".split(),
+}
+KINDS = ("compare", "maximum", "category")
 
 
 def _compare(rng) -> tuple[str, str, str]:
   a, b = (int(v) for v in rng.choice(100, size=2, replace=False))
   big, small = max(a, b), min(a, b)
-  return f"Which is larger, {a} or {b}?", f"{big} is larger.", f"{small} is larger."
+  return f"Which is larger, {a} or {b}?", f" {big} is larger.", f" {small} is larger."
 
 
-def _repeat(rng) -> tuple[str, str, str]:
-  n = int(rng.integers(3, 6))
-  words = [str(w) for w in rng.choice(WORDS, size=n, replace=False)]
-  wrong = list(words)
-  wrong[int(rng.integers(0, n))] = str(rng.choice([w for w in WORDS if w not in words]))
-  return f"Repeat exactly: {' '.join(words)}", " ".join(words), " ".join(wrong)
+def _maximum(rng) -> tuple[str, str, str]:
+  values = [int(v) for v in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+  wrong = int(rng.choice(sorted(values)[:-1]))
+  return f"Which is the largest of {' '.join(map(str, values))}?", f" {max(values)}.", f" {wrong}."
+
+
+def _category(rng) -> tuple[str, str, str]:
+  names = sorted(CATEGORIES)
+  right, other = (str(c) for c in rng.choice(names, size=2, replace=False))
+  template = str(rng.choice(["Name {}.", "Give me {}.", "Tell me {}, please.", "What is an example of {}?"]))
+  article = "an" if right[0] in "aeiou" else "a"
+  good, bad = str(rng.choice(CATEGORIES[right])), str(rng.choice(CATEGORIES[other]))
+  lead = str(rng.choice(["I would say", "How about", "My answer is", "Try"]))
+  return template.format(f"{article} {right}"), f" {lead} {good}.", f" {lead} {bad}."
 
 
 def generate(num_pairs: int, seed: int) -> list[Pair]:
   """`num_pairs` distinct pairs, kinds interleaved; identical for identical arguments."""
   rng = np.random.default_rng(seed)
-  makers = {"sort": _sort, "compare": _compare, "repeat": _repeat}
+  makers = {"compare": _compare, "maximum": _maximum, "category": _category}
   pairs, seen = [], set()
   while len(pairs) < num_pairs:
     kind = KINDS[len(pairs) % len(KINDS)]
     prompt, chosen, rejected = makers[kind](rng)
-    if prompt in seen:
+    if (prompt, chosen, rejected) in seen:
       continue
-    seen.add(prompt)
-    pairs.append(Pair(prompt=prompt + "\n", chosen=chosen, rejected=rejected, extra={"category": kind},
+    seen.add((prompt, chosen, rejected))
+    pairs.append(Pair(prompt=prompt + "\nAnswer:", chosen=chosen, rejected=rejected, extra={"category": kind},
                       where=f"synthetic:{len(pairs) + 1}"))
   return pairs

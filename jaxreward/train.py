@@ -15,7 +15,7 @@ import tqdm
 from flax import nnx
 
 from jaxreward import checkpoint, configuration, corpus, evaluate, gate, loss, model as model_lib, optimizer
-from jaxreward import pipeline, report, sharding, tokenizer as tokenizer_lib
+from jaxreward import pipeline, preemption, report, sharding, tokenizer as tokenizer_lib
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,7 +72,7 @@ def make_train_step(graphdef, tx, schedule, center_coef: float):
     (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(sums, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    metrics = dict(sums, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step
@@ -107,6 +107,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rule_table = sharding.rules(config.mesh)
   t = config.train
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    if t[key] % batch_shards:
+      raise configuration.ConfigError(f"config: train.{key}={t[key]} must be a multiple of data x fsdp = "
+                                      f"{batch_shards} (mesh {sharding.describe(mesh)})")
 
   prepared = corpus.prepare(config, log)
   tok = prepared.tokenizer
@@ -190,6 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       history.write({"kind": "train", "step": step, **{k: window.mean(k) for k in window.sums}})
       window.reset()
 
+  stop = preemption.StopSignal()
   for step in range(start_step + 1, num_steps + 1):
     batch = evaluate.to_device(next(iterator), batch_shardings)
     state, metrics = train_step(state, batch)
@@ -200,6 +206,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
       consume(*pending)  # Never checkpoint a state whose loss was not checked.
       pending = None
       evaluate_and_save(step)
+    elif stop.requested() or step - start_step == t.max_steps_per_run:
+      consume(*pending)
+      pending = None
+      # An unscored checkpoint: resumable, but never a candidate for "best".
+      ckpt.save(step, state, iterator.get_state(), None)
+      ckpt.wait()
+      bar.close()
+      log(f"stopped at step {step} ({'signal' if stop.requested() else 'train.max_steps_per_run'}); "
+          f"re-run with the same --workdir to continue")
+      stop.restore()
+      return {"stopped_at": step, "gate_pass": False, "preempted": True}
+  stop.restore()
   bar.close()
   ckpt.wait()
 

@@ -1,0 +1,61 @@
+"""Bad configs fail before any compute, with one line naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxreward import configuration
+from tests.conftest import ROOT, load_config
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_shipped_configs_validate(name):
+  configuration.validate(load_config(name))
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "schedule", "exponential", "train.schedule='exponential'; expected one of cosine, linear, constant"),
+    ("train", "batch_size", 0, "train.batch_size=0; expected a positive number"),
+    ("data", "truncation", "middle", "data.truncation"),
+    ("data", "validation_fraction", 1.5, "validation_fraction"),
+    ("data", "max_length", 100, "multiple of 8"),
+    ("data", "train_path", "/nonexistent/pairs.jsonl", "does not exist"),
+    ("model", "num_kv_heads", 3, "multiple of num_kv_heads"),
+    ("model", "attention", "cudnn", "needs model.dtype='bfloat16'"),
+    ("gate", "max_gap", 2.0, "gate.max_gap"),
+    ("mesh", "tensor", 0, "mesh.tensor=0"),
+])
+def test_bad_values(section, key, value, message):
+  config = load_config("tiny")
+  config[section][key] = value
+  with pytest.raises(configuration.ConfigError, match=None) as err:
+    configuration.validate(config)
+  assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key():
+  config = load_config("tiny")
+  with config.unlocked():
+    config.train.learning_rat = 1.0
+  with pytest.raises(configuration.ConfigError, match="unknown key train.learning_rat"):
+    configuration.validate(config)
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "jaxreward.main", "--config", str(ROOT / "configs/tiny.py"), *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_unknown_override_without_traceback(tmp_path):
+  proc = run_main("--workdir", str(tmp_path), "--config.train.learning_rat=1e-3")
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr and "learning_rat" in proc.stderr
+
+
+def test_cli_bad_value_exits_2_with_one_line(tmp_path):
+  proc = run_main("--workdir", str(tmp_path / "w"), "--config.train.schedule=exponential")
+  assert proc.returncode == configuration.EXIT_BAD_INPUT
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "train.schedule" in errors[0] and "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()  # Failed before any compute or output.
