@@ -1,0 +1,58 @@
+"""large: an ~8B-parameter reward model (Llama-3-8B dimensions) on a TPU pod slice, FSDP + tensor parallel.
+
+  launch/tpu_vm.sh --name rm-8b --zone us-east5-a --accelerator-type v5p-64 --config configs/large.py \
+      --workdir /mnt/shared/runs/large -- --config.model.init_from=/mnt/shared/Meta-Llama-3-8B-Instruct
+  python tools/memory.py --config configs/large.py [--devices 64]   # the estimate below, for any slice
+
+Start from an SFT model: `model.init_from` (an HF folder on storage every worker sees) brings tokenizer,
+architecture and weights; from scratch the run needs `data.tokenizer`. The work dir must be shared by all
+workers (orbax writes each checkpoint collectively). Expected: on ~100k preference pairs, 1 epoch
+(~1,560 steps of 64 pairs) reaches validation accuracy ~0.70-0.75 from an 8B SFT start, about 3 hours on a
+v5p-64 (32 chips).
+
+Mesh: data=-1 x fsdp=8 x tensor=4 (preset fsdp_tp): 32 chips make one FSDP x TP group; bigger slices add
+data-parallel replicas of it. Tensor parallel over 4 devices splits heads (32), KV heads (8), MLP width and
+vocabulary, so the attention scores and MLP intermediates of a 2,048-token sequence are split too.
+Memory per device on 32 chips (tools/memory.py; 8.03B parameters, untied LM head as Llama-3-8B, fp32
+parameters and Adam state, bf16 compute, remat on, 64 pairs x 2 x 2,048 tokens, xla attention):
+  parameters 0.94 GiB + gradients 0.94 GiB + Adam 1.87 GiB = 3.7 GiB of state,
+  activations ~9.8 GiB (32 saved block inputs of 16 x 2,048 x 4,096 bf16, one block recomputed with its
+  8 x 2,048 x 2,048 fp32 score matrices), FSDP all-gathered weights ~0.2 GiB,
+  total ~13.8 GiB: fits v5p-64 (95 GiB chips, room for batch 256), v4-64 (32 GiB) and H100s; on a v5e (16 GiB
+  chips) it is too tight at 32 chips: use v5litepod-64 (--devices 64: data=2, per-device batch halves, ~8 GiB).
+  The whole state is 128 GiB, so 8B cannot train on fewer than ~4 v5p / 8 v4 chips at any batch.
+"""
+
+from jaxreward import configuration, presets
+
+
+def get_config():
+  config = configuration.defaults()
+  config.data.vocab_size = 128256  # Llama 3's vocabulary: what init_from/tokenizer normally give.
+  config.data.max_length = 2048
+  config.data.num_buckets = 8
+  config.data.min_pairs = 5000
+  config.model.hidden_size = 4096
+  config.model.num_layers = 32
+  config.model.num_heads = 32
+  config.model.num_kv_heads = 8
+  config.model.head_dim = 128
+  config.model.mlp_dim = 14336
+  config.model.rope_theta = 500000.0
+  config.model.norm_eps = 1e-5
+  config.model.tie_embeddings = False  # As Llama-3-8B: the LM head is kept (unused) so exports round-trip.
+  config.model.dtype = "bfloat16"  # bf16 matmuls on the MXU; fp32 parameters and Adam state.
+  config.model.param_dtype = "float32"
+  config.model.remat = True
+  config.model.attention = "xla"  # TPUs have no cuDNN; the L x L scores live for one block at a time.
+  config.train.batch_size = 64  # A multiple of data x fsdp on every slice from 32 to 512 chips.
+  config.train.num_epochs = 1.0
+  config.train.learning_rate = 5e-6
+  config.train.warmup_steps = 50
+  config.train.weight_decay = 0.0
+  config.train.eval_every = 200
+  config.train.eval_batch_size = 64
+  config.train.center_rewards_coef = 0.01
+  config.train.compilation_cache = "/tmp/jaxreward_xla_cache"  # An 8B step compiles in minutes; reruns skip it.
+  presets.apply(config, "fsdp_tp", data=-1, fsdp=8, tensor=4)
+  return config

@@ -1,0 +1,185 @@
+"""Per-device memory of a training run, estimated before any device is touched.
+
+State (parameters, gradients, Adam moments) is exact: the abstract model is built with `nnx.eval_shape`, each
+parameter's logical axes go through the run's rules table, and its shard is its shape divided by the mesh
+sizes of the axes that split it, which is what `NamedSharding` places on a device. Activations are an
+estimate of what the backward pass keeps alive (see `_activation_bytes_per_token`); XLA fuses and frees
+differently per backend, so treat them as +-30%.
+
+  python tools/memory.py --config configs/large.py [--config.mesh.fsdp=16] [--devices 64]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from flax import nnx
+
+from jaxreward import model as model_lib, sharding
+
+GiB = 1 << 30
+# Per-chip memory. XLA needs room for its own buffers and fragmentation, so a run "fits" when the estimate
+# stays under USABLE of it.
+ACCELERATORS = (
+    ("NVIDIA H100 80GB", 80e9),
+    ("NVIDIA H200 141GB", 141e9),
+    ("NVIDIA A100 80GB", 80e9),
+    ("NVIDIA A100 40GB", 40e9),
+    ("NVIDIA L4 24GB", 24e9),
+    ("TPU v4 (32 GiB/chip)", 32 * GiB),
+    ("TPU v5e (16 GiB/chip)", 16 * GiB),
+    ("TPU v5p (95 GiB/chip)", 95 * GiB),
+    ("TPU v6e (32 GiB/chip)", 32 * GiB),
+)
+USABLE = 0.9
+STATE_KEYS = ("parameters", "gradients", "adam_state", "grad_accumulator")
+TRANSIENT_KEYS = ("activations", "gathered_weights")
+
+
+def abstract_params(model_cfg: model_lib.ModelConfig):
+  """Flat [(path, logical_axes, shape, dtype)] of the model's parameters, with no device or mesh."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: model_lib.RewardModel(model_cfg, nnx.Rngs(0)))
+  rows = []
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    value = var.get_value()
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+    rows.append((".".join(str(p) for p in path), tuple(axes), tuple(value.shape), np.dtype(value.dtype)))
+  return rows
+
+
+def shard_shape(shape, logical_axes, mesh_shape: dict, rule_table) -> tuple:
+  """The per-device block of an array of `shape` whose dims carry `logical_axes` under `rule_table`."""
+  table = dict(rule_table)
+  out = []
+  for dim, name in zip(shape, logical_axes):
+    mesh_axes = table.get(name) if name is not None else None
+    if mesh_axes is None:
+      mesh_axes = ()
+    elif isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    ways = math.prod(int(mesh_shape[a]) for a in mesh_axes)
+    out.append(-(-dim // ways))  # Uneven splits pad the last shard up to the same size.
+  return tuple(out)
+
+
+def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length: int) -> tuple[int, int]:
+  """(bytes a block saves per token for its backward pass, bytes of its block input) under `tensor`-way TP.
+
+  Counted per token and block: two RMSNorms (fp32 upcast + output), q/k/v and their fp32 RoPE copies,
+  the attention output, o-projection, the SwiGLU gate/up/product and down projection; plus, for the 'xla'
+  attention, the L x L logits and fp32 probabilities of this token's row (flash attention keeps none).
+  Head, MLP and vocabulary widths split over the tensor axis; the residual stream D does not.
+  """
+  b = np.dtype(cfg.dtype).itemsize
+  d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  nh, kh, ft, nt = n * h / tensor, k * h / tensor, f / tensor, n / tensor
+  saved = b * (2 * d + (nh + 2 * kh) + nh + d + 3 * ft + d) + 4 * (2 * d + (nh + kh))
+  if cfg.attention == "xla":
+    saved += nt * length * (4 + b)
+  return int(saved), int(b * d)
+
+
+def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_size: int, max_length: int,
+             remat: bool | None = None, param_dtype: str | None = None, dtype: str | None = None,
+             grad_accum_steps: int = 1) -> dict:
+  """Per-device bytes of one training step; `mesh_shape` maps data/fsdp/tensor to (resolved) sizes.
+
+  `batch_size` counts pairs across all devices (each pair is two sequences of up to `max_length` tokens);
+  with gradient accumulation one microbatch of batch_size / grad_accum_steps pairs is live at a time.
+  """
+  overrides = {k: v for k, v in (("remat", remat), ("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
+  cfg = dataclasses.replace(model_cfg, **overrides)
+  mesh_shape = {a: int(mesh_shape[a]) for a in ("data", "fsdp", "tensor")}
+  rows = abstract_params(cfg)
+  num_params = sum(math.prod(shape) for _, _, shape, _ in rows)
+  param_bytes = sum(math.prod(shard_shape(shape, axes, mesh_shape, rules)) * dt.itemsize
+                    for _, axes, shape, dt in rows)
+  # optax.adamw keeps mu and nu in the parameters' dtype and shardings; gradients match the parameters too.
+  adam_bytes = 2 * param_bytes
+  accumulator = param_bytes if grad_accum_steps > 1 else 0
+
+  batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+  local_sequences = 2 * -(-batch_size // (batch_ways * grad_accum_steps))
+  tensor = mesh_shape["tensor"]
+  block_saved, block_input = _activation_bytes_per_token(cfg, tensor, max_length)
+  tokens = local_sequences * max_length
+  if cfg.remat:
+    # Each block keeps only its input; its internals are recomputed one block at a time in the backward pass,
+    # where that block's saved values and their gradients are live together.
+    activations = tokens * (cfg.num_layers * block_input + 2 * block_saved)
+  else:
+    activations = tokens * (cfg.num_layers * block_saved + block_saved)
+  # Embedding output and final norm: two more residual-stream copies, plus their fp32 gradient.
+  activations += tokens * (2 * block_input + 4 * cfg.hidden_size)
+
+  # FSDP all-gathers one block's weights (in compute dtype) right before use and XLA prefetches the next one.
+  gathered = 0
+  if mesh_shape["fsdp"] > 1:
+    block_rows = [r for r in rows if ".blocks.0." in f".{r[0]}."]
+    block_params_per_device = sum(math.prod(shard_shape(shape, axes, {**mesh_shape, "fsdp": 1}, rules))
+                                  for _, axes, shape, _ in block_rows)
+    gathered = 2 * block_params_per_device * np.dtype(cfg.dtype).itemsize
+
+  result = {
+      "parameters": param_bytes, "gradients": param_bytes, "adam_state": adam_bytes,
+      "grad_accumulator": accumulator, "activations": int(activations), "gathered_weights": int(gathered),
+  }
+  result["total"] = sum(result[k] for k in STATE_KEYS + TRANSIENT_KEYS)
+  result["info"] = {
+      "num_parameters": int(num_params), "mesh": mesh_shape, "devices": math.prod(mesh_shape.values()),
+      "batch_size": batch_size, "grad_accum_steps": grad_accum_steps, "local_sequences": local_sequences,
+      "max_length": max_length, "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+      "attention": cfg.attention,
+  }
+  return result
+
+
+def from_config(config, model_cfg: model_lib.ModelConfig, mesh_shape: dict) -> dict:
+  """`estimate` for a run config and its resolved mesh, e.g. `dict(mesh.shape)` in train.py."""
+  return estimate(model_cfg, mesh_shape, sharding.rules(config.mesh), config.train.batch_size,
+                  config.data.max_length, grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
+
+
+def fits(est: dict) -> list[str]:
+  """Accelerators whose per-chip memory holds the estimate with headroom for XLA."""
+  return [name for name, capacity in ACCELERATORS if est["total"] <= USABLE * capacity]
+
+
+def slice_names(devices: int) -> list[str]:
+  """How a mesh of `devices` chips is ordered; TPU v4/v5p names count TensorCores (2 per chip, 4 chips minimum)."""
+  names = [f"{devices} GPU(s)"]
+  if devices >= 4:
+    names += [f"v4-{2 * devices}", f"v5p-{2 * devices}"]
+  if devices in (1, 4, 8) or (devices >= 16 and devices & (devices - 1) == 0):
+    names += [f"v5litepod-{devices}", f"v6e-{devices}"]
+  return names
+
+
+def render(est: dict) -> str:
+  info = est["info"]
+  mesh = " x ".join(f"{k}={v}" for k, v in info["mesh"].items())
+  gib = lambda x: f"{x / GiB:8.2f} GiB"
+  lines = [
+      f"memory per device: {info['num_parameters'] / 1e9:.2f}B parameters on mesh {mesh} ({info['devices']} "
+      f"devices); {info['local_sequences']} sequences x {info['max_length']} tokens per device per "
+      f"{'microbatch' if info['grad_accum_steps'] > 1 else 'step'}; compute {info['dtype']}, parameters "
+      f"{info['param_dtype']}, remat {'on' if info['remat'] else 'off'}, attention {info['attention']}",
+      f"  parameters        {gib(est['parameters'])}",
+      f"  gradients         {gib(est['gradients'])}",
+      f"  Adam state        {gib(est['adam_state'])}",
+  ]
+  if est["grad_accumulator"]:
+    lines.append(f"  grad accumulator  {gib(est['grad_accumulator'])}")
+  lines += [
+      f"  activations       {gib(est['activations'])}  (estimate, +-30%)",
+      f"  gathered weights  {gib(est['gathered_weights'])}  (FSDP all-gather of ~2 blocks)",
+      f"  total             {gib(est['total'])}",
+  ]
+  fitting = fits(est)
+  lines.append(f"  fits (<= {USABLE:.0%} of per-chip memory): " + (", ".join(fitting) if fitting else "none listed; "
+               "add devices (mesh.fsdp), remat, a smaller batch or train.grad_accum_steps"))
+  lines.append(f"  this mesh is: {', '.join(slice_names(info['devices']))}")
+  return "\n".join(lines)
