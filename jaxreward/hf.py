@@ -1,0 +1,356 @@
+"""Hugging Face interop: import an SFT checkpoint, export a `*ForSequenceClassification` reward model.
+
+transformers 5.x has no Flax classes, so the mapping between HF's safetensors names and our NNX
+parameters lives here. HF `nn.Linear` weights are [out, in]; our kernels are [in, out], hence the
+transposes. Only safetensors are read: pickle files (`*.bin`, `*.pt`) can execute code when loaded.
+
+  model_config(folder, model_section) -> model.ModelConfig     (config.json -> our architecture)
+  load_params(folder, params) -> params                         (weights into the existing shardings)
+  export(loaded_or_model, tokenizer, out_dir)                   (an HF folder that scores like we do)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxreward import model as model_lib
+from jaxreward.configuration import ConfigError
+
+# model_type -> (family name used in `architectures`, HF config class name).
+_FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+_HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
+_ROPE_TYPES = ("default", "linear", "llama3")
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_hf_config(folder: str) -> dict:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"hf: {folder!r} has no config.json; expected a Hugging Face model folder")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"hf: {path}: not valid JSON ({e})") from None
+
+
+def _family(hf: dict, folder: str) -> str:
+  model_type = hf.get("model_type", "")
+  if model_type not in _FAMILIES:
+    arch = ", ".join(hf.get("architectures") or []) or "?"
+    raise ConfigError(f"hf: {folder}: architecture {arch!r} (model_type {model_type!r}) is not supported "
+                      f"(supported: Llama, Qwen2, Mistral, SmolLM2)")
+  family = _FAMILIES[model_type]
+  for arch in hf.get("architectures") or []:
+    if arch not in {family + h for h in _HEADS}:
+      raise ConfigError(f"hf: {folder}: architecture {arch!r} is not supported "
+                        f"(expected {family}ForCausalLM or {family}ForSequenceClassification)")
+  return model_type
+
+
+def _rope(hf: dict, folder: str) -> tuple[float, dict]:
+  """(theta, scaling dict or {}), from either transformers 4's or 5's spelling."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+  scaling.update(params)
+  if "type" in scaling and "rope_type" not in scaling:
+    scaling["rope_type"] = scaling.pop("type")
+  scaling.pop("type", None)
+  kind = scaling.get("rope_type", "default")
+  if kind not in _ROPE_TYPES:
+    raise ConfigError(f"hf: {folder}: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+  if kind == "default":
+    return theta, {}
+  required = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
+  missing = [k for k in required if k not in scaling]
+  if missing:
+    raise ConfigError(f"hf: {folder}: rope type {kind!r} needs {', '.join(missing)}")
+  # Only the keys our RoPE reads: values like attention_factor would otherwise be silently ignored.
+  return theta, {"rope_type": kind, **{k: scaling[k] for k in required}}
+
+
+def model_config(folder: str, model_section) -> model_lib.ModelConfig:
+  """The architecture of the HF model in `folder`; dtype, remat and attention come from the run's model section.
+
+  The imported architecture is also written into `model_section`, so the run's saved config.json
+  describes the model it trained (`artifacts.load` rebuilds it from there).
+  """
+  hf = read_hf_config(folder)
+  model_type = _family(hf, folder)
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"hf: {folder}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+  if hf.get("mlp_bias"):
+    raise ConfigError(f"hf: {folder}: mlp_bias=true is not supported")
+  if model_type in ("llama", "mistral") and hf.get("attention_bias"):
+    # Llama's attention_bias also biases o_proj, which our attention has no parameter for.
+    raise ConfigError(f"hf: {folder}: attention_bias=true is not supported for {model_type}")
+  if model_type == "qwen2" and hf.get("use_sliding_window"):
+    raise ConfigError(f"hf: {folder}: use_sliding_window=true is not supported")
+  # Mistral's sliding_window (4096 and up) only matters past that many tokens; reward-model inputs are shorter.
+  try:
+    d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    cfg = model_lib.ModelConfig(
+        vocab_size=int(hf["vocab_size"]), hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
+        num_heads=n, num_kv_heads=int(hf.get("num_key_value_heads") or n),
+        head_dim=int(hf.get("head_dim") or d // n), mlp_dim=int(hf["intermediate_size"]),
+        rope_theta=0.0, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False is these families' default.
+        dtype=model_section.dtype, param_dtype=model_section.param_dtype, remat=model_section.remat,
+        attention=model_section.attention)
+  except KeyError as e:
+    raise ConfigError(f"hf: {folder}/config.json lacks {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"hf: {folder}/config.json: bad value ({e})") from None
+  if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
+    raise ConfigError(f"hf: {folder}: num_attention_heads={cfg.num_heads}, num_key_value_heads="
+                      f"{cfg.num_kv_heads}, head_dim={cfg.head_dim} cannot be mapped")
+  theta, scaling = _rope(hf, folder)
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "rope_theta": theta, "rope_scaling": tuple(sorted(scaling.items()))})
+  for key, value in (("hidden_size", cfg.hidden_size), ("num_layers", cfg.num_layers),
+                     ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim),
+                     ("mlp_dim", cfg.mlp_dim), ("rope_theta", cfg.rope_theta), ("norm_eps", cfg.norm_eps),
+                     ("qkv_bias", cfg.qkv_bias), ("tie_embeddings", cfg.tie_embeddings)):
+    model_section[key] = value
+  model_section.rope_scaling = scaling or None
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names: our parameter paths <-> HF tensor names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def name_map(cfg: model_lib.ModelConfig) -> dict:
+  """Our parameter path -> (HF name without the 'model.' prefix for backbone weights, transpose?)."""
+  m = {("backbone", "embed_VxD"): ("model.embed_tokens.weight", False),
+       ("backbone", "final_norm", "scale"): ("model.norm.weight", False),
+       ("score_Dx1",): ("score.weight", True)}
+  if not cfg.tie_embeddings:
+    m[("lm_head_DxV",)] = ("lm_head.weight", True)
+  for i in range(cfg.num_layers):
+    b, p = ("backbone", "blocks", i), f"model.layers.{i}."
+    m[b + ("attn_norm", "scale")] = (p + "input_layernorm.weight", False)
+    m[b + ("mlp_norm", "scale")] = (p + "post_attention_layernorm.weight", False)
+    for ours, theirs in (("q_DxNH", "q_proj"), ("k_DxKH", "k_proj"), ("v_DxKH", "v_proj"), ("o_NHxD", "o_proj")):
+      m[b + ("attn", ours)] = (p + f"self_attn.{theirs}.weight", True)
+    if cfg.qkv_bias:
+      for ours, theirs in (("q_bias_NH", "q_proj"), ("k_bias_KH", "k_proj"), ("v_bias_KH", "v_proj")):
+        m[b + ("attn", ours)] = (p + f"self_attn.{theirs}.bias", False)
+    for ours, theirs in (("gate_DxF", "gate_proj"), ("up_DxF", "up_proj"), ("down_FxD", "down_proj")):
+      m[b + ("mlp", ours)] = (p + f"mlp.{theirs}.weight", True)
+  return m
+
+
+def _config_of(params) -> model_lib.ModelConfig:
+  """Reads the architecture back from parameter shapes (enough for `name_map`)."""
+  flat = dict(nnx.to_flat_state(params))
+  num_layers = len({p[2] for p in flat if p[:2] == ("backbone", "blocks")})
+  v, d = flat[("backbone", "embed_VxD")].shape
+  qkv_bias = any(p[-1] == "q_bias_NH" for p in flat)
+  return model_lib.ModelConfig(vocab_size=v, hidden_size=d, num_layers=num_layers, num_heads=1, num_kv_heads=1,
+                               head_dim=2, mlp_dim=1, qkv_bias=qkv_bias,
+                               tie_embeddings=("lm_head_DxV",) not in flat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Safetensors:
+  """Lazy tensor reader over `model.safetensors` or an index of shards."""
+
+  def __init__(self, folder: str):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self.where = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    elif os.path.isfile(single):
+      with safe_open(single, "numpy") as f:
+        self.where = {name: single for name in f.keys()}
+    else:
+      pickles = sorted({os.path.basename(p) for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(folder, pat))})
+      if pickles:
+        raise ConfigError(f"hf: {folder} holds only pickle weights ({', '.join(pickles)}); they can run code "
+                          "when loaded and are refused: convert them to safetensors first")
+      raise ConfigError(f"hf: {folder} has no model.safetensors or model.safetensors.index.json")
+    missing = sorted({p for p in self.where.values() if not os.path.isfile(p)})
+    if missing:
+      raise ConfigError(f"hf: shard {missing[0]} named in the index does not exist")
+    self._open = {}
+
+  def get(self, name: str) -> np.ndarray:
+    path = self.where[name]
+    if path not in self._open:
+      self._open[path] = safe_open(path, "numpy")
+    return self._open[path].get_tensor(name)
+
+
+def load_params(folder: str, params):
+  """Returns `params` with every weight read from `folder`, each placed in its leaf's existing sharding.
+
+  Tensors are read one at a time and every device gets only its own slice, so no host or device ever
+  holds more than one full tensor. A checkpoint without `score.weight` (a causal LM) keeps the freshly
+  initialised reward head; a sequence-classification checkpoint (no `lm_head`) keeps the fresh,
+  unused LM head of an untied model.
+  """
+  reader = _Safetensors(folder)
+  cfg = _config_of(params)
+  names = name_map(cfg)
+  # Bare `LlamaModel` checkpoints have no 'model.' prefix.
+  prefix = "model." if any(n.startswith("model.") for n in reader.where) else ""
+  hf_names = {ours: (prefix + n[len("model."):] if n.startswith("model.") else n, t)
+              for ours, (n, t) in names.items()}
+  optional = {"score.weight"}
+  if "score.weight" in reader.where:
+    optional.add("lm_head.weight")
+  missing = [n for n, _ in hf_names.values() if n not in reader.where and n not in optional]
+  if missing:
+    raise ConfigError(f"hf: {folder}: missing weight {missing[0]}" +
+                      (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  expected = {n for n, _ in hf_names.values()}
+  # A tied checkpoint may still carry the (duplicate) LM head; rotary buffers are recomputed.
+  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  unexpected = [n for n in reader.where
+                if n not in expected and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
+  if unexpected:
+    raise ConfigError(f"hf: {folder}: unexpected weight {unexpected[0]} cannot be mapped" +
+                      (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    name, transpose = hf_names[path]
+    if name not in reader.where:
+      flat.append((path, var))
+      continue
+    host = reader.get(name)
+    host = host.T if transpose else host
+    old = var.get_value()
+    if host.shape != old.shape:
+      expect = old.shape[::-1] if transpose else old.shape
+      raise ConfigError(f"hf: {folder}: {name} has shape {list(host.shape[::-1] if transpose else host.shape)}; "
+                        f"the model expects {list(expect)}")
+    host = np.ascontiguousarray(host.astype(old.dtype))
+    new = jax.make_array_from_callback(old.shape, old.sharding, lambda index, h=host: h[index])
+    flat.append((path, var.replace(new)))
+    del host
+  return nnx.from_flat_state(flat)
+
+
+def hf_state_dict(model: model_lib.RewardModel, *, with_lm_head: bool = False) -> dict:
+  """HF tensor name -> float32 numpy array of a `*ForSequenceClassification` (plus the LM head if asked)."""
+  _, params = nnx.split(model, nnx.Param)
+  names = name_map(model.cfg)
+  out = {}
+  for path, var in nnx.to_flat_state(params):
+    name, transpose = names[path]
+    if name == "lm_head.weight" and not with_lm_head:
+      continue  # *ForSequenceClassification has no LM head; scoring never used it.
+    value = np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
+    out[name] = np.ascontiguousarray(value.T if transpose else value)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hf_config(cfg: model_lib.ModelConfig, model_type: str, tokenizer, max_positions: int):
+  import transformers  # pylint: disable=g-import-not-at-top
+  family = _FAMILIES[model_type]
+  if model_type == "qwen2" and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+    raise ConfigError(f"hf: Qwen2 cannot express head_dim={cfg.head_dim} with hidden_size={cfg.hidden_size} and "
+                      f"{cfg.num_heads} heads")
+  if cfg.qkv_bias != (model_type == "qwen2"):
+    raise ConfigError(f"hf: a model {'with' if cfg.qkv_bias else 'without'} q/k/v bias cannot be exported as "
+                      f"{family}")
+  rope = {"rope_type": "default", **dict(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+  kwargs = dict(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      hidden_act="silu", max_position_embeddings=max_positions, rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, num_labels=1,
+      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+      bos_token_id=getattr(tokenizer, "bos_token_id", None))
+  if model_type != "qwen2":
+    kwargs["head_dim"] = cfg.head_dim
+  if model_type == "mistral":
+    kwargs["sliding_window"] = None
+  hf_cfg = getattr(transformers, family + "Config")(**kwargs)
+  hf_cfg.architectures = [family + "ForSequenceClassification"]
+  hf_cfg.id2label, hf_cfg.label2id = {0: "reward"}, {"reward": 0}
+  return hf_cfg
+
+
+def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None = None,
+           reward_stats: dict | None = None) -> str:
+  """Writes an HF `*ForSequenceClassification` folder whose scores equal ours.
+
+  `loaded_or_model` is an `artifacts.Loaded` (then the model card and the validation reward statistics
+  of its work dir come along) or a bare `RewardModel`. `model_type` (llama | qwen2 | mistral) defaults to
+  the family of the run's `init_from` model, else qwen2 when q/k/v carry a bias and llama otherwise.
+  """
+  model = getattr(loaded_or_model, "model", loaded_or_model)
+  workdir = getattr(loaded_or_model, "workdir", None)
+  cfg = model.cfg
+  if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    # HF scores the last token that is not pad; pad == EOS would make it score the token before our EOS.
+    raise ConfigError("hf: the tokenizer's pad token must exist and differ from EOS (use tokenizer.load)")
+  if tokenizer.pad_token_id >= cfg.vocab_size:
+    raise ConfigError(f"hf: pad_token_id {tokenizer.pad_token_id} is outside the vocabulary ({cfg.vocab_size})")
+  max_positions = 4096
+  init_from = workdir and loaded_or_model.config.model.init_from
+  if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
+    init_hf = read_hf_config(init_from)
+    model_type = model_type or init_hf.get("model_type")
+    max_positions = int(init_hf.get("max_position_embeddings", max_positions))
+  model_type = model_type or ("qwen2" if cfg.qkv_bias else "llama")
+  if model_type not in _FAMILIES:
+    raise ConfigError(f"hf: cannot export as {model_type!r} (supported: {', '.join(_FAMILIES)})")
+
+  os.makedirs(out_dir, exist_ok=True)
+  hf_cfg = _hf_config(cfg, model_type, tokenizer, max_positions)
+  hf_cfg.save_pretrained(out_dir)
+  # transformers 5 writes only id2label; RL stacks read num_labels, so state it explicitly.
+  config_path = os.path.join(out_dir, "config.json")
+  with open(config_path) as f:
+    config_json = json.load(f)
+  with open(config_path, "w") as f:
+    json.dump({**config_json, "num_labels": 1}, f, indent=2, sort_keys=True)
+  save_file(hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  tokenizer.save_pretrained(out_dir)
+
+  if reward_stats is None and workdir:
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if os.path.isfile(metrics_path):
+      with open(metrics_path) as f:
+        metrics = json.load(f)
+      reward_stats = {"mean": metrics["val_reward_mean"], "std": metrics["val_reward_std"],
+                      "source": "validation rewards of the best checkpoint (metrics.json)",
+                      "step": getattr(loaded_or_model, "step", None)}
+  if reward_stats is not None:
+    # RL trainers normalise rewards as (r - mean) / std.
+    with open(os.path.join(out_dir, "reward_normalization.json"), "w") as f:
+      json.dump(reward_stats, f, indent=2)
+  if workdir and os.path.isfile(os.path.join(workdir, "README.md")):
+    shutil.copy(os.path.join(workdir, "README.md"), os.path.join(out_dir, "README.md"))
+  return out_dir
