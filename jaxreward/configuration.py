@@ -77,6 +77,8 @@ def defaults() -> ml_collections.ConfigDict:
   t.train_eval_pairs = 512  # Fixed sample of training pairs scored like validation to measure the gap.
   t.eval_batch_size = 64  # Pairs per evaluation batch.
   t.keep_best = 1  # Best-by-validation-accuracy checkpoints kept (the latest one is always kept too).
+  t.grad_accum_steps = 1  # Microbatches per step (same update as the full batch, 1/A of the activation memory).
+  t.nan_policy = "stop"  # stop: a non-finite loss/gradient ends the run (exit 1); skip: drop that update, count it.
   t.max_steps_per_run = 0  # Stop (with a checkpoint) after this many steps of one invocation; 0 = run to the end.
   t.compilation_cache = ""  # Folder for XLA's persistent compilation cache; "" disables.
   t.progress_bar = True  # tqdm bar with running loss and accuracy.
@@ -97,6 +99,13 @@ def defaults() -> ml_collections.ConfigDict:
       ("score", None),
   ]
 
+  c.distributed = ds = ml_collections.ConfigDict()
+  # Multi-host runs: every host runs the same command; jax.distributed.initialize joins them.
+  ds.initialize = "auto"  # auto: on TPU pods / SLURM / when coordinator_address is set; yes; no.
+  ds.coordinator_address = ""  # "host:port" of process 0; "" lets JAX detect it (TPU VMs, SLURM).
+  ds.num_processes = 0  # Total processes; 0 = detect.
+  ds.process_id = -1  # This process's index; -1 = detect.
+
   c.gate = g = ml_collections.ConfigDict()
   g.min_train_accuracy = 0.70  # Best checkpoint's accuracy on the fixed training sample.
   g.min_val_accuracy = 0.70  # Best checkpoint's validation accuracy.
@@ -116,12 +125,14 @@ _CHOICES = {
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "attention"): ("xla", "cudnn"),
     ("train", "schedule"): ("cosine", "linear", "constant"),
+    ("train", "nan_policy"): ("stop", "skip"),
+    ("distributed", "initialize"): ("auto", "yes", "no"),
 }
 _POSITIVE = [("data", "max_length"), ("data", "num_buckets"), ("data", "sort_window"), ("data", "vocab_size"),
              ("model", "hidden_size"), ("model", "num_layers"), ("model", "num_heads"), ("model", "num_kv_heads"),
              ("model", "mlp_dim"), ("train", "batch_size"), ("train", "eval_every"), ("train", "log_every"),
-             ("train", "eval_batch_size"), ("train", "keep_best"), ("train", "learning_rate")]
-_SECTIONS = ("data", "model", "train", "mesh", "gate")
+             ("train", "eval_batch_size"), ("train", "keep_best"), ("train", "grad_accum_steps"), ("train", "learning_rate")]
+_SECTIONS = ("data", "model", "train", "mesh", "distributed", "gate")
 
 
 def validate(config) -> None:

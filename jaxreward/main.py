@@ -24,8 +24,10 @@ def main(argv):
   except (OSError, AttributeError, SyntaxError, ImportError) as e:
     print(f"error: bad config: {one_line(e)}", file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
-  from jaxreward import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from jaxreward import sharding, train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:
+    configuration.validate(config)
+    sharding.initialize_processes(config.distributed)
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except configuration.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -79,6 +79,23 @@ def check_annotated(abstract_state) -> None:
       raise ValueError(f"parameter {name} {tuple(shape)} has no logical axis names; annotate it in model.py")
 
 
+def initialize_processes(dist_cfg) -> None:
+  """Joins a multi-host job before any device is touched; a no-op for single-process runs."""
+  import os  # pylint: disable=g-import-not-at-top
+  on_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or "SLURM_NTASKS" in os.environ
+  wanted = dist_cfg.initialize == "yes" or (dist_cfg.initialize == "auto" and (dist_cfg.coordinator_address or on_pod))
+  if not wanted:
+    return
+  kwargs = {}
+  if dist_cfg.coordinator_address:
+    kwargs["coordinator_address"] = dist_cfg.coordinator_address
+  if dist_cfg.num_processes:
+    kwargs["num_processes"] = dist_cfg.num_processes
+  if dist_cfg.process_id >= 0:
+    kwargs["process_id"] = dist_cfg.process_id
+  jax.distributed.initialize(**kwargs)
+
+
 def describe(mesh) -> str:
   return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" on {mesh.devices.size} " + \
          f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)"

@@ -59,21 +59,48 @@ def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_train_step(graphdef, tx, schedule, center_coef: float):
-  """The pure step: (state, batch) -> (state, metrics)."""
+def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps: int = 1):
+  """The pure step: (state, batch) -> (state, metrics).
+
+  With `grad_accum_steps` = A > 1 the batch is processed as A microbatches in a scan; gradients of the summed
+  loss are accumulated and divided by the real pair count once, so the update equals the big batch's.
+  A step whose loss or gradient is not finite leaves the state untouched (metrics report it).
+  """
+
+  def sum_loss(params, micro):
+    model = nnx.merge(graphdef, params)
+    r_Bx2 = model.score_pairs(micro["tokens_BxPxL"], micro["lengths_BxP"])
+    sums = loss.batch_sums(r_Bx2, micro["weight_B"], micro["margin_B"], center_coef)
+    return sums["loss"], sums
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def train_step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      r_Bx2 = model.score_pairs(batch["tokens_BxPxL"], batch["lengths_BxP"])
-      sums = loss.batch_sums(r_Bx2, batch["weight_B"], batch["margin_B"], center_coef)
-      return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+    params = state["params"]
+    if grad_accum_steps == 1:
+      (_, sums), grads = grad_fn(params, batch)
+    else:
+      # Rows i::A form microbatch i, so each device's rows split locally without moving data.
+      micro_AxB = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(sums, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+      def accumulate(carry, micro):
+        (_, sums), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+      (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_AxB))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums_shape, grads_shape))
+      (sums, grads), _ = jax.lax.scan(accumulate, zeros, micro_AxB)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(sums, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                   skipped=1.0 - finite.astype(jnp.float32))
+    return {"step": state["step"] + 1, "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
   return train_step
 
@@ -108,10 +135,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rule_table = sharding.rules(config.mesh)
   t = config.train
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for key in ("batch_size", "eval_batch_size"):
-    if t[key] % batch_shards:
-      raise configuration.ConfigError(f"config: train.{key}={t[key]} must be a multiple of data x fsdp = "
-                                      f"{batch_shards} (mesh {sharding.describe(mesh)})")
+  for key, multiple in (("batch_size", batch_shards * t.grad_accum_steps), ("eval_batch_size", batch_shards)):
+    if t[key] % multiple:
+      raise configuration.ConfigError(f"config: train.{key}={t[key]} must be a multiple of data x fsdp"
+                                      f"{' x grad_accum_steps' if key == 'batch_size' else ''} = {multiple} "
+                                      f"(mesh {sharding.describe(mesh)})")
 
   prepared = corpus.prepare(config, log)
   tok = prepared.tokenizer
@@ -137,8 +165,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  train_step = jit_train_step(make_train_step(graphdef, tx, schedule, t.center_rewards_coef), state_shardings,
-                              mesh, rule_table)
+  train_step = jit_train_step(make_train_step(graphdef, tx, schedule, t.center_rewards_coef, t.grad_accum_steps),
+                              state_shardings, mesh, rule_table)
   batch_shardings = evaluate.batch_shardings(mesh, rule_table)
   eval_step = evaluate.make_eval_step(graphdef, state_shardings["params"], mesh, rule_table)
   pid, nproc = jax.process_index(), jax.process_count()
@@ -177,16 +205,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     interval.reset()
     del val_rewards
 
-  interval, window = _Running(), _Running()
+  interval, window, skipped_steps = _Running(), _Running(), []
   bar = tqdm.tqdm(total=num_steps, initial=start_step, disable=not (t.progress_bar and is_main), unit="step",
                   dynamic_ncols=True, file=sys.stderr)
   pending = None  # (step, metrics on device): fetched one step late so dispatch never waits.
 
   def consume(step, metrics):
     m = loss.finalize(jax.device_get(metrics)) | {k: float(metrics[k]) for k in ("grad_norm", "learning_rate")}
-    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-      raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
-                          f"the checkpoints in {ckpt.directory} are from before it (lower train.learning_rate?)")
+    if metrics["skipped"]:
+      if t.nan_policy == "stop":
+        raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
+                            f"the checkpoints in {ckpt.directory} are intact (lower train.learning_rate, or "
+                            "train.nan_policy=skip)")
+      skipped_steps.append(step)
+      log(f"step {step}: non-finite loss or gradient; update skipped ({len(skipped_steps)} so far)")
+      bar.update(1)
+      return
     interval.add(m)
     window.add(m)
     bar.update(1)
@@ -234,7 +268,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "num_parameters": int(num_params), "vocab_size": model_cfg.vocab_size, "training_steps": num_steps,
       "best_step": best_step, "latest_step": ckpt.latest_step(), "random_baseline_accuracy": 0.5,
       "padding_fraction": padding, "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
-      "gate": verdict, "gate_pass": verdict["pass"], **{k: v for k, v in prepared.stats.items()},
+      "gate": verdict, "gate_pass": verdict["pass"], "skipped_steps": skipped_steps,
+      **{k: v for k, v in prepared.stats.items()},
   }
   gate_text = gate.render(verdict)
   if is_main:

@@ -73,3 +73,57 @@ def test_interrupted_run_resumes_to_identical_results(finished_run, tmp_path):
   resumed = train.train_and_evaluate(config, str(tmp_path))
   for key in ("val_accuracy", "train_accuracy", "val_loss", "train_loss", "best_step"):
     assert resumed[key] == uninterrupted[key], key
+
+
+def _one_step(grad_accum_steps, margin=0.0):
+  from tests.conftest import load_config
+  from jaxreward import model as model_lib, optimizer, pipeline, sharding, synthetic, tokenizer
+  config = load_config("tiny")
+  pairs = synthetic.generate(64, 0)
+  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(pairs), 300)
+  enc = pipeline.encode(pairs, tok, 64, "keep_end")
+  config.mesh.data = 1
+  mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  tx, schedule = optimizer.make(config.train, 10)
+  model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
+  graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
+  step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0, grad_accum_steps), shardings,
+                                 mesh, rule_table)
+  batch = pipeline.collate(enc, np.arange(16), np.ones(16), [32, 64], tok.pad_token_id)
+  batch["margin_B"] = np.full(16, margin, np.float32)
+  before = jax.device_get(state["params"])
+  for _ in range(3):  # Past the warmup's zero learning rate.
+    state, metrics = step_fn(state, batch)
+  return before, jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+import jax  # noqa: E402  (used by the helpers below only)
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+  _, full, m_full = _one_step(1)
+  _, accumulated, m_acc = _one_step(4)
+  assert abs(float(m_full["loss"]) - float(m_acc["loss"])) < 1e-4
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_step_leaves_the_state_untouched():
+  before, after, metrics = _one_step(1, margin=float("nan"))
+  assert float(metrics["skipped"]) == 1.0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_divergence_stops_loudly_or_is_skipped(tmp_path):
+  from tests.conftest import load_config
+  config = load_config("tiny")
+  config.mesh.data = 1
+  config.train.learning_rate = 1e30
+  config.train.warmup_steps = 0
+  config.train.grad_clip_norm = 0.0
+  with pytest.raises(train.NonFiniteLoss, match=r"at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path / "stop"))
+  config.train.nan_policy = "skip"
+  summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
+  assert summary["skipped_steps"] and summary["training_steps"] == 20
