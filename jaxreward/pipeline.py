@@ -155,7 +155,7 @@ class TrainPlan:
 
   def __init__(self, enc: Encoded, batch_size: int, sort_window: int, seed: int):
     if len(enc) < batch_size:
-      raise ValueError(f"only {len(enc)} training pairs for a batch of {batch_size}")
+      raise ConfigError(f"data: only {len(enc)} training pairs for a batch of {batch_size} (train.batch_size)")
     self.enc, self.batch_size, self.sort_window, self.seed = enc, batch_size, sort_window, seed
     self.pair_lengths = enc.lengths().max(axis=1)
     self.batches_per_epoch = len(enc) // batch_size
@@ -190,7 +190,7 @@ class TrainPlan:
 
 def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
   if batch_size % process_count:
-    raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
+    raise ConfigError(f"train.batch_size={batch_size} does not split over {process_count} processes")
   per = batch_size // process_count
   return slice(process_index * per, (process_index + 1) * per)
 
