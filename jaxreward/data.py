@@ -214,7 +214,9 @@ def _decode_json(text: str):
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    # Bare-CR line endings (classic Mac exports) make one line of the whole file: say so.
+    hint = "; the lines seem to end with a bare CR: convert them to LF" if "\r" in text.strip() else ""
+    raise BadLine(f"invalid JSON ({e.msg} at column {e.colno}){hint}") from None
   except RecursionError:
     raise BadLine("invalid JSON (nested too deeply)") from None
   except ValueError as e:  # e.g. an integer of more than 4300 digits.
@@ -316,6 +318,11 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
     raise ConfigError(f"data: {path}: is a directory, expected a JSONL file")
   report, pairs = LoadReport(path=path), []
   try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      head = f.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+      # PowerShell's `>` and some Windows editors write UTF-16: one clear message instead of a bad line 1.
+      raise ConfigError(f"data: {path}:1: the file is UTF-16 encoded; save it as UTF-8")
     for number, raw in _lines(path):
       where = f"{path}:{number}"
       try:

@@ -134,6 +134,7 @@ BAD_LINES = [
     ("deep-nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ("huge-integer", b'{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": ' + b"9" * 5000 + b"}",
      "invalid JSON"),
+    ("bare-cr", json.dumps(GOOD).encode() + b"\r" + json.dumps(GOOD).encode(), "bare CR"),
     ("no-shared-turn", b'{"chosen": "\\n\\nHuman: a", "rejected": "\\n\\nHuman: b"}', "share no"),
 ]
 
@@ -179,6 +180,7 @@ def test_skip_reasons_are_capped(tmp_path):
     ("nothing-usable", "no usable pair among 2 lines"),
     ("bad-gzip", "cannot read"),
     ("json-object", "must hold an array"),
+    ("utf-16", "UTF-16 encoded; save it as UTF-8"),
 ])
 def test_bad_file_is_one_line_error(tmp_path, case, problem):
   path = str(tmp_path / "x.jsonl")
@@ -192,6 +194,8 @@ def test_bad_file_is_one_line_error(tmp_path, case, problem):
     write(tmp_path, "x.jsonl", b"{}\nnot json\n")
   elif case == "bad-gzip":
     path = write(tmp_path, "x.jsonl.gz", b"this is not gzip\n")
+  elif case == "utf-16":
+    write(tmp_path, "x.jsonl", json.dumps(GOOD).encode("utf-16"))
   elif case == "json-object":
     path = write(tmp_path, "x.json", json.dumps({"data": [GOOD]}))
   with pytest.raises(ConfigError, match=problem) as e:
