@@ -1,0 +1,73 @@
+"""The memory estimate against the arrays a created state really puts on a device, and known arithmetic."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxreward import memory, model as model_lib, optimizer, presets, sharding, train
+from tests.conftest import ROOT, load_config
+
+CFG = model_lib.ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                            mlp_dim=96, tie_embeddings=False)
+
+
+def shard_bytes(tree, min_ndim=0):
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree) if x.ndim >= min_ndim)
+
+
+@pytest.mark.parametrize("preset,sizes", [("dp", {}), ("fsdp", {}), ("fsdp_tp", {"fsdp": 2, "tensor": 4}),
+                                          ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2})])
+def test_state_bytes_equal_the_created_state(preset, sizes):
+  config = presets.apply(load_config("tiny"), preset, **sizes)
+  mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  tx, _ = optimizer.make(config.train, 10)
+  _, state, _ = train.create_state(CFG, tx, mesh, rule_table, seed=0)
+  est = memory.estimate(CFG, dict(mesh.shape), rule_table, batch_size=16, max_length=64)
+  assert est["parameters"] == shard_bytes(state["params"])
+  # Adam's mu and nu; the step counters are scalars and not counted.
+  assert est["adam_state"] == shard_bytes(state["opt_state"], min_ndim=1)
+  assert est["info"]["num_parameters"] == CFG.num_parameters()
+  if preset == "dp":
+    assert est["parameters"] == 4 * CFG.num_parameters()
+
+
+def test_known_arithmetic():
+  rules = sharding.rules(presets.apply(load_config("tiny"), "fsdp_tp").mesh)
+  one = memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64)
+  assert one["parameters"] == 4 * CFG.num_parameters() and one["gradients"] == one["parameters"]
+  assert one["adam_state"] == 8 * CFG.num_parameters() and one["gathered_weights"] == 0
+  assert memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64,
+                         param_dtype="bfloat16")["parameters"] == 2 * CFG.num_parameters()
+  # 2 x 2 batch shards: each device sees a quarter of 16 pairs, i.e. 8 sequences.
+  four = memory.estimate(CFG, {"data": 2, "fsdp": 2, "tensor": 1}, rules, 16, 64)
+  assert four["info"]["local_sequences"] == 8 and one["info"]["local_sequences"] == 32
+  assert four["activations"] * 4 == one["activations"]
+  assert four["gathered_weights"] > 0  # fsdp > 1 gathers a block at a time.
+  # Remat keeps one block's internals instead of every block's; flash attention drops the L x L scores exactly.
+  assert memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64, remat=True)["activations"] < \
+         one["activations"]
+  flash = memory.estimate(model_lib.ModelConfig(**{**CFG.__dict__, "attention": "cudnn"}),
+                          {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64)
+  scores = 32 * 64 * CFG.num_heads * 64 * (4 + 4)  # sequences x L query rows x heads x L keys x (fp32 logits+probs)
+  assert one["activations"] - flash["activations"] == scores * (CFG.num_layers + 1)
+  accum = memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64, grad_accum_steps=4)
+  assert accum["info"]["local_sequences"] == 8 and accum["grad_accumulator"] == one["parameters"]
+
+
+def test_fits():
+  est = {"total": 21 * memory.GiB}  # Over 90% of 24 GB (L4), under 90% of 32 GiB (v4).
+  names = memory.fits(est)
+  assert "NVIDIA H100 80GB" in names and "TPU v5p (95 GiB/chip)" in names and "TPU v4 (32 GiB/chip)" in names
+  assert "TPU v5e (16 GiB/chip)" not in names and "NVIDIA L4 24GB" not in names
+  assert memory.fits({"total": 200 * memory.GiB}) == []
+
+
+def test_tool_prints_large():
+  out = subprocess.run([sys.executable, "tools/memory.py", "--config", "configs/large.py"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={"XLA_FLAGS": "", "PATH": "/usr/bin:/bin",
+                                                                          "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "8.03B parameters on mesh data=1 x fsdp=8 x tensor=4 (32 devices)" in out.stdout
+  assert "TPU v5p (95 GiB/chip)" in out.stdout and "v5p-64" in out.stdout
