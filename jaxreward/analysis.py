@@ -255,8 +255,8 @@ def analyze(pairs, r_Nx2, token_lengths_Nx2=None, target_margin_N=None, *, num_h
 
   pairs: `data.Pair` records aligned with the rows of r_Nx2.
   r_Nx2: rewards, chosen first.
-  token_lengths_Nx2: tokens per side as scored (prompt + response + EOS; the prompt cancels in differences);
-    None leaves the token baselines out.
+  token_lengths_Nx2: tokens per side as scored (prompt + response + EOS, after truncation; the prompt cancels
+    in differences); None leaves the token baselines out.
   target_margin_N: the dataset's preference margins, used by the loss as in training (None: zeros).
   plot_path: where to write the reliability diagram PNG (None: no plot).
   """
@@ -272,8 +272,9 @@ def analyze(pairs, r_Nx2, token_lengths_Nx2=None, target_margin_N=None, *, num_h
   if token_lengths_Nx2 is not None:
     token_lengths_Nx2 = np.asarray(token_lengths_Nx2).reshape(-1, 2)
     lengths["tokens"] = token_lengths_Nx2[:, 0].astype(np.int64) - token_lengths_Nx2[:, 1]
-  # Length bias is judged in tokens when we have them (what the model sees), else characters.
-  unit = "tokens" if "tokens" in lengths else "chars"
+  # Length bias is judged on the responses' full lengths in characters: token lengths are as scored, after
+  # truncation, so with long prompts most pairs look equally long (both cut to max_length).
+  unit = "chars"
 
   acc = accuracy(diff_N)
   baselines = {"random": 0.5}
@@ -304,8 +305,8 @@ def analyze(pairs, r_Nx2, token_lengths_Nx2=None, target_margin_N=None, *, num_h
       "by_category": {f: by_category(pairs, diff_N, lengths[unit], f) for f in category_fields(pairs)},
       "hardest": hardest(pairs, r_Nx2, num_hardest, text_chars),
   }
-  if unit == "tokens":
-    report["length_bias_chars"] = length_bias(diff_N, char_diff_N)
+  if "tokens" in lengths:
+    report["length_bias_tokens"] = length_bias(diff_N, lengths["tokens"])
   if plot_path:
     report["reliability_plot"] = os.path.basename(plot_path)
   return report
@@ -376,12 +377,18 @@ def render_text(report: dict, max_categories: int = 60) -> str:
   lines += [f"  {k:<24} {v:.4f}" for k, v in r["baselines"].items()]
   lines += [f"  model − best length heuristic ({r['best_length_baseline']['name']}): "
             f"{r['vs_best_length_baseline']:+.4f}"]
-  lines += ["", f"length bias (lengths in {lb['unit']}):"]
+  lines += ["", f"length bias (full response lengths in {lb['unit']}):"]
   for name in ("chosen_longer", "chosen_shorter", "equal_length"):
     lines.append(f"  accuracy when {name.replace('_', ' '):<15} {_f(lb[name]['accuracy'])}  (n={lb[name]['n']})")
   lines.append(f"  model prefers the longer response in {_f(lb['prefers_longer'], '.1%')} of unequal pairs; "
                f"corr(margin, length difference): Pearson {_f(lb['pearson'], '+.3f')}, "
                f"Spearman {_f(lb['spearman'], '+.3f')}")
+  lbt = r.get("length_bias_tokens")
+  if lbt:
+    lines.append(f"  in tokens as scored (after truncation): accuracy {_f(lbt['chosen_longer']['accuracy'])} chosen "
+                 f"longer (n={lbt['chosen_longer']['n']}) / {_f(lbt['chosen_shorter']['accuracy'])} shorter "
+                 f"(n={lbt['chosen_shorter']['n']}) / {_f(lbt['equal_length']['accuracy'])} equal "
+                 f"(n={lbt['equal_length']['n']}); Pearson {_f(lbt['pearson'], '+.3f')}")
   cal = r["calibration"]
   lines += ["", f"calibration: ECE {_f(cal['ece'])} (10 bins of max(σ(margin), 1 − σ(margin)); "
             f"mean confidence {_f(cal['mean_confidence'])})"]

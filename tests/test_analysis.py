@@ -70,11 +70,12 @@ def test_length_baselines_on_known_pairs():
   assert rep["baselines"]["random"] == 0.5
   assert rep["accuracy"]["value"] == 0.5  # A constant scorer ties everywhere.
   assert rep["best_length_baseline"]["name"] == "longer_wins_chars"
-  # Token lengths, when given, get their own baselines and become the unit of the length-bias section.
+  # Token lengths (as scored, after truncation), when given, get their own baselines and length-bias section.
   tokens = np.array([[3, 1], [1, 3], [2, 2], [1, 2], [5, 4]])
   rep = analysis.analyze(pairs, r, token_lengths_Nx2=tokens)
   assert rep["baselines"]["longer_wins_tokens"] == pytest.approx(2.5 / 5)
-  assert rep["length_bias"]["unit"] == "tokens"
+  assert rep["length_bias"]["unit"] == "chars"
+  assert rep["length_bias_tokens"]["chosen_longer"]["n"] == 2 and rep["length_bias_tokens"]["equal_length"]["n"] == 1
 
 
 def test_length_preferring_scorer_shows_length_bias():
