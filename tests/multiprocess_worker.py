@@ -1,0 +1,39 @@
+"""One process of the two-process test (tests/test_multiprocess.py); also the single-process reference run.
+
+  python tests/multiprocess_worker.py WORKDIR PROCESS_ID PORT   # joins a 2-process job, one CPU device each
+  python tests/multiprocess_worker.py WORKDIR single            # 1 process; XLA_FLAGS gives it 2 devices
+
+Prints the run's summary as one JSON line on stdout.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+
+from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+
+
+def main(workdir, mode, port=None):
+  config = load_config("tiny")
+  config.mesh.data = -1  # Two devices either way: two processes x 1, or one process x 2.
+  if mode != "single":
+    # One device per process: with several, back-to-back gloo collectives can deadlock.
+    jax.config.update("jax_num_cpu_devices", 1)
+    config.distributed.initialize = "yes"
+    config.distributed.coordinator_address = f"127.0.0.1:{port}"
+    config.distributed.num_processes = 2
+    config.distributed.process_id = int(mode)
+  from jaxreward import sharding, train  # pylint: disable=g-import-not-at-top
+  sharding.initialize_processes(config.distributed)
+  summary = train.train_and_evaluate(config, workdir)
+  print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                    "devices": jax.device_count(), **{k: summary[k] for k in ("val_accuracy", "val_loss",
+                                                                              "train_loss", "mesh")}}), flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
