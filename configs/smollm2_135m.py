@@ -23,16 +23,16 @@ from jaxreward import configuration
 def get_config():
   config = configuration.defaults()
   config.model.init_from = "runs/smollm2_hf"  # Output of tools/gguf_to_hf.py; architecture comes from it.
-  config.data.max_length = 48  # ETHICS sentences + EOS: median 18, p99 41, max 71 SmolLM2 tokens.
-  config.data.num_buckets = 3  # Padded lengths 16/32/48: few shapes to compile for a 30-layer model.
+  config.data.max_length = 32  # ETHICS sentences + EOS: median 18, p90 28, p99 41 SmolLM2 tokens.
+  config.data.num_buckets = 2  # Padded lengths 16/32: few shapes to compile for a 30-layer model.
   config.data.min_pairs = 0  # The ETHICS files are large; nothing to warn about.
-  config.train.batch_size = 16  # Small steps: on 2 CPU cores each pair costs ~1 s of training.
-  config.train.num_steps = 100  # 1,600 of the 13,738 pairs: what 2 CPU cores do in ~30 min.
-  config.train.learning_rate = 3e-5  # Full fine-tuning of a pretrained model: ~30x below from-scratch.
-  config.train.warmup_steps = 10  # Let Adam's moments settle before the peak rate.
+  config.train.batch_size = 8  # On 2 shared CPU cores a step of 8 pairs already costs ~0.3 TFLOP.
+  config.train.num_steps = 64  # 512 of the 13,738 pairs: what a CPU share of ~10 GFLOP/s does in ~25 min.
+  config.train.learning_rate = 1e-4  # Few steps: high enough for the fresh score head to move, low for the body.
+  config.train.warmup_steps = 6  # Let Adam's moments settle before the peak rate.
   config.train.weight_decay = 0.0  # Few steps from a pretrained start: decay only pulls weights off it.
-  config.train.eval_every = 100  # Evaluate once, at the end: a validation pass costs minutes on CPU.
-  config.train.train_eval_pairs = 128  # Enough to read the train/validation gap; each costs a forward.
+  config.train.eval_every = 64  # Evaluate once, at the end: a validation pass costs minutes on CPU.
+  config.train.train_eval_pairs = 32  # Each costs a forward; only to read the train/validation gap roughly.
   config.train.eval_batch_size = 32  # Smaller eval batches keep peak activation memory low.
-  config.gate.max_gap = 0.15  # 128 train-sample pairs give a noisy gap (±4% std).
+  config.gate.max_gap = 0.2  # 32 train-sample pairs give a very noisy gap (±8% std).
   return config
