@@ -159,6 +159,9 @@ def detect_format(row: dict) -> str:
     return "conversational"
   if "prompt" not in row:
     return "implicit"
+  if row["prompt"] == "" and all(isinstance(row.get(k), str) and ASSISTANT_MARK in row[k]
+                                 for k in ("chosen", "rejected")):
+    return "implicit"  # HH-RLHF exported with an empty "prompt" column.
   return "explicit"
 
 

@@ -36,10 +36,13 @@ def test_explicit_keeps_margin_and_extra_fields(tmp_path):
 
 def test_implicit_prompt_is_shared_prefix_through_last_assistant_turn(tmp_path):
   head = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
-  path = write(tmp_path, "a.jsonl", [{"chosen": head + " well", "rejected": head + " badly"}])
-  (pair,), rep = data.load_pairs(path)
-  assert (pair.prompt, pair.chosen, pair.rejected) == (head, " well", " badly")
-  assert rep.formats == {"implicit": 1}
+  # Also when exported with an empty "prompt" column.
+  path = write(tmp_path, "a.jsonl", [{"chosen": head + " well", "rejected": head + " badly"},
+                                     {"prompt": "", "chosen": head + " well", "rejected": head + " so-so"}])
+  pairs, rep = data.load_pairs(path)
+  assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (head, " well", " badly")
+  assert (pairs[1].prompt, pairs[1].rejected) == (head, " so-so")
+  assert rep.formats == {"implicit": 2}
 
 
 def test_conversational_layouts(tmp_path):
