@@ -6,21 +6,22 @@
 
 Start from an SFT model: `model.init_from` (an HF folder on storage every worker sees) brings tokenizer,
 architecture and weights; from scratch the run needs `data.tokenizer`. The work dir must be shared by all
-workers (orbax writes each checkpoint collectively). Expected: on ~100k preference pairs, 1 epoch
-(~1,560 steps of 64 pairs) reaches validation accuracy ~0.70-0.75 from an 8B SFT start, about 3 hours on a
-v5p-64 (32 chips).
+workers (orbax writes each checkpoint collectively). Expected (not measured in this project, which has no
+TPU; typical of 8B reward models): ~100k preference pairs, 1 epoch (~1,560 steps of 64 pairs) from an 8B SFT
+start reach validation accuracy ~0.70-0.75 on HH-RLHF-like data, in a few hours on a v5p-64 (32 chips).
 
 Mesh: data=-1 x fsdp=8 x tensor=4 (preset fsdp_tp): 32 chips make one FSDP x TP group; bigger slices add
 data-parallel replicas of it. Tensor parallel over 4 devices splits heads (32), KV heads (8), MLP width and
 vocabulary, so the attention scores and MLP intermediates of a 2,048-token sequence are split too.
 Memory per device on 32 chips (tools/memory.py; 8.03B parameters, untied LM head as Llama-3-8B, fp32
-parameters and Adam state, bf16 compute, remat on, 64 pairs x 2 x 2,048 tokens, xla attention):
-  parameters 0.94 GiB + gradients 0.94 GiB + Adam 1.87 GiB = 3.7 GiB of state,
-  activations ~9.8 GiB (32 saved block inputs of 16 x 2,048 x 4,096 bf16, one block recomputed with its
-  8 x 2,048 x 2,048 fp32 score matrices), FSDP all-gathered weights ~0.2 GiB,
-  total ~13.8 GiB: fits v5p-64 (95 GiB chips, room for batch 256), v4-64 (32 GiB) and H100s; on a v5e (16 GiB
-  chips) it is too tight at 32 chips: use v5litepod-64 (--devices 64: data=2, per-device batch halves, ~8 GiB).
-  The whole state is 128 GiB, so 8B cannot train on fewer than ~4 v5p / 8 v4 chips at any batch.
+parameters and Adam state, bf16 compute, remat on, 64 pairs = 128 sequences x 2,048 tokens, xla attention):
+  parameters 0.94 GiB + gradients 0.94 GiB + Adam 1.87 GiB = 3.7 GiB of state (exact: 128 GiB / 32 devices,
+  less the replicated norms), activations ~20.9 GiB (32 saved block inputs of 16 x 2,048 x 4,096 bf16 = 8 GiB,
+  plus one block recomputed with its 8-head x 2,048 x 2,048 fp32 scores), FSDP-gathered weights 0.2 GiB,
+  total ~24.9 GiB: fits v5p-64 (95 GiB chips) and v4-64 (32 GiB chips), not v5e (16 GiB).
+  v5litepod-64 (--devices 64: data=2 halves the per-device batch): 14.4 GiB, at the edge of 16 GiB chips;
+  add --config.train.grad_accum_steps=2 for 10.1 GiB. The whole state is 128 GiB, so no batch size trains 8B on
+  fewer than ~4 v5p or 8 v4 chips.
 """
 
 from jaxreward import configuration, presets

@@ -8,17 +8,18 @@ Start from an SFT model: `model.init_from` (an HF folder with config.json + safe
 the architecture (it replaces the dimensions below) and the weights. Without it the model is built from
 scratch with these dimensions and needs `data.tokenizer` (an HF tokenizer folder); only with neither does the
 run train its own BPE of `data.vocab_size` tokens on the training texts, which suits no model of this size.
-Expected: on a preference set such as HH-RLHF helpful (~43k pairs, 1 epoch, ~1,350 steps) a 1B SFT start
-reaches validation accuracy ~0.65-0.70 in about 1.5 hours on one H100 (bf16, cudnn attention, remat).
+Expected (not measured in this project, which has no GPU; typical of 1B reward models): on HH-RLHF helpful
+(~43k pairs, 1 epoch, ~1,350 steps of 32 pairs) a 1B SFT start reaches validation accuracy ~0.65-0.70, in
+1-2 hours on one H100 (bf16, cudnn attention, remat).
 
 Memory per device (tools/memory.py; 1.24B parameters, fp32 parameters and Adam state, bf16 compute, remat on,
-batch 32 pairs x 2 x 1,024 tokens, flash attention):
-  parameters 4.6 GiB + gradients 4.6 GiB + Adam 9.2 GiB = 18.5 GiB of state,
-  activations ~10.1 GiB (16 saved block inputs of 64 x 1,024 x 2,048 bf16 + one block recomputed),
-  total ~28.6 GiB: fits one H100/A100 80 GB or H200; not a 40 GB A100 without train.grad_accum_steps or a
-  smaller batch. With `--config.model.attention=xla` (TPU, or GPUs without cuDNN 9) the L x L scores of one
-  block add ~12 GiB. On 8 devices the preset's FSDP axis takes them all (fsdp=8): state falls to 2.3 GiB
-  per device (e.g. TPU v5e-8: 16 GiB chips).
+batch 32 pairs = 64 sequences x 1,024 tokens, cudnn flash attention):
+  parameters 4.6 GiB + gradients 4.6 GiB + Adam 9.2 GiB = 18.4 GiB of state (exact, from the sharded shapes),
+  activations ~17.5 GiB (16 saved block inputs of 64 x 1,024 x 2,048 bf16 = 4 GiB, plus one block recomputed
+  with its gradients), total ~35.9 GiB: fits one H100 / A100 80 GB or H200 (and a TPU v5p chip).
+  A100 40 GB: --config.train.grad_accum_steps=2 (31.8 GiB). With --config.model.attention=xla (no cuDNN) the
+  L x L scores of one block add ~24 GiB: 59.9 GiB, still one H100. On 8 devices FSDP takes them all (fsdp=8):
+  7.7 GiB per device even with xla attention, so a TPU v5litepod-8 (16 GiB chips) or 8 x L4 also fit.
 """
 
 from jaxreward import configuration, presets
