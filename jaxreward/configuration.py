@@ -35,7 +35,7 @@ def defaults() -> ml_collections.ConfigDict:
   d.vocab_size = 2048  # Vocabulary of the trained BPE tokenizer (ignored with a tokenizer folder).
   d.max_length = 128  # Tokens per sequence (prompt + response + EOS).
   d.truncation = "keep_end"  # keep_end: cut the prompt's start first, never a response's end; drop: skip pair.
-  d.num_buckets = 4  # Padded lengths used: max_length·k/num_buckets (rounded to 8); few shapes, little padding.
+  d.num_buckets = 8  # Padded lengths used: max_length·k/num_buckets (rounded to 8); few shapes, little padding.
   d.sort_window = 32  # Batches per window sorted by length before batching (1 = no sorting).
   d.min_pairs = 1000  # Warn below this many usable pairs (also 80% / 20% of it for train / validation).
 

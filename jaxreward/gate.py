@@ -60,4 +60,6 @@ def render(verdict: dict) -> str:
     lines.append(line)
     if not c["pass"]:
       lines.append(f"         remedy: {c['remedy']}")
+  for warning in verdict.get("warnings", []):
+    lines.append(f"  [warn] {warning}")
   return "\n".join(lines)

@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 class MetricsLog:
   """Append-only metrics.jsonl; on resume, rows past the restored step are dropped (they were never saved)."""
 
-  def __init__(self, workdir: str, resume_step: int, enabled: bool):
+  def __init__(self, workdir: str, resume_step: int, enabled: bool, scalars_writer=None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.scalars_writer = scalars_writer  # e.g. tensorboard.Writer: the same rows as TensorBoard scalars.
     self.rows = []
     if os.path.exists(self.path):
       with open(self.path) as f:
@@ -30,6 +31,13 @@ class MetricsLog:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if self.scalars_writer is not None:
+      self.scalars_writer.scalars(row["step"], {f"{row['kind']}/{k}": v for k, v in row.items()
+                                                if k not in ("kind", "step")})
+
+  def close(self) -> None:
+    if self.scalars_writer is not None:
+      self.scalars_writer.close()
 
   def evals(self) -> list[dict]:
     return [r for r in self.rows if r["kind"] == "eval"]
@@ -62,7 +70,7 @@ def write_json(path: str, obj) -> None:
     f.write("\n")
 
 
-def model_card(summary: dict, config, gate_text: str) -> str:
+def model_card(summary: dict, config, gate_text: str, analysis_markdown: str = "") -> str:
   m, t, d = config.model, config.train, config.data
   s = summary
   arch = (f"Llama-family decoder, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads / "
@@ -99,6 +107,7 @@ def model_card(summary: dict, config, gate_text: str) -> str:
       f"| random baseline | {s['random_baseline_accuracy']:.2f} |",
       f"| validation reward mean / std | {s['val_reward_mean']:.3f} / {s['val_reward_std']:.3f} |", "",
       "```", gate_text, "```", "",
+      analysis_markdown, "",
       "## How to load", "",
       "The work dir holds `checkpoints/` (orbax; best and latest steps), `tokenizer/` (HF) and `config.json`.",
       "```python",

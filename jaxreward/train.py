@@ -14,8 +14,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from jaxreward import checkpoint, configuration, corpus, evaluate, gate, loss, model as model_lib, optimizer
-from jaxreward import pipeline, preemption, report, sharding, tokenizer as tokenizer_lib
+from jaxreward import analysis, checkpoint, configuration, corpus, evaluate, gate, loss, memory, model as model_lib
+from jaxreward import optimizer, pipeline, preemption, report, sharding, tensorboard, tokenizer as tokenizer_lib
 
 
 class NonFiniteLoss(RuntimeError):
@@ -160,6 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   log(f"model: {num_params:,} parameters; mesh {sharding.describe(mesh)}; "
       f"{sharding.per_device_bytes(state) / 2**20:.1f} MiB of parameters + optimizer state per device")
+  log(memory.render(memory.from_config(config, model_cfg, dict(mesh.shape))))
   if is_main:
     tokenizer_lib.save(tok, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -187,7 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   elif config.model.init_from:
     state["params"] = hf.load_params(config.model.init_from, state["params"])
     log(f"model: weights loaded from {config.model.init_from}")
-  history = report.MetricsLog(workdir, start_step, is_main)
+  history = report.MetricsLog(workdir, start_step, is_main, tensorboard.Writer(workdir, enabled=is_main))
 
   # --- Loop ------------------------------------------------------------------------------------------------
   def evaluate_and_save(step):
@@ -261,6 +262,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   best = next(r for r in evals if r["step"] == best_step)
   verdict = gate.judge(best, [r["interval_train_loss"] for r in evals if r["interval_train_loss"] is not None],
                        config.gate)
+  # Error analysis of the best checkpoint on the validation split: baselines, length bias, calibration.
+  best_state, _ = ckpt.restore(best_step, state)
+  _, best_rewards = evaluate.run(eval_step, best_state["params"], val_batches, batch_shardings)
+  del best_state
+  validation_analysis = analysis.for_training(
+      prepared.validation, best_rewards, os.path.join(workdir, "reliability.png") if is_main else None)
+  warning = analysis.length_warning(validation_analysis)
+  if warning:
+    verdict["warnings"] = [warning]
   summary = {
       "train_accuracy": best["train_accuracy"], "val_accuracy": best["val_accuracy"],
       "overfitting_gap": best["overfitting_gap"], "val_loss": best["val_loss"], "train_loss": best["train_loss"],
@@ -269,6 +279,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "best_step": best_step, "latest_step": ckpt.latest_step(), "random_baseline_accuracy": 0.5,
       "padding_fraction": padding, "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
       "gate": verdict, "gate_pass": verdict["pass"], "skipped_steps": skipped_steps,
+      "validation_analysis": validation_analysis,
       **{k: v for k, v in prepared.stats.items()},
   }
   gate_text = gate.render(verdict)
@@ -276,8 +287,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     report.write_json(os.path.join(workdir, "metrics.json"), summary)
     report.plot_curves(history.rows, os.path.join(workdir, "learning_curves.png"))
     with open(os.path.join(workdir, "README.md"), "w") as f:
-      f.write(report.model_card(summary, config, gate_text))
+      f.write(report.model_card(summary, config, gate_text, analysis.render_markdown(validation_analysis)))
     print(gate_text, flush=True)
+  history.close()
   ckpt.close()
   return summary
 
