@@ -11,6 +11,7 @@ transposes. Only safetensors are read: pickle files (`*.bin`, `*.pt`) can execut
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -115,13 +116,13 @@ def model_config(folder: str, model_section) -> model_lib.ModelConfig:
         attention=model_section.attention)
   except KeyError as e:
     raise ConfigError(f"hf: {folder}/config.json lacks {e.args[0]!r}") from None
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, ZeroDivisionError) as e:
     raise ConfigError(f"hf: {folder}/config.json: bad value ({e})") from None
-  if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
+  if min(cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) < 1 or cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
     raise ConfigError(f"hf: {folder}: num_attention_heads={cfg.num_heads}, num_key_value_heads="
                       f"{cfg.num_kv_heads}, head_dim={cfg.head_dim} cannot be mapped")
   theta, scaling = _rope(hf, folder)
-  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "rope_theta": theta, "rope_scaling": tuple(sorted(scaling.items()))})
+  cfg = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=tuple(sorted(scaling.items())))
   for key, value in (("hidden_size", cfg.hidden_size), ("num_layers", cfg.num_layers),
                      ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim),
                      ("mlp_dim", cfg.mlp_dim), ("rope_theta", cfg.rope_theta), ("norm_eps", cfg.norm_eps),
