@@ -192,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- Loop ------------------------------------------------------------------------------------------------
   def evaluate_and_save(step):
-    val, val_rewards = evaluate.run(eval_step, state["params"], val_batches, batch_shardings)
+    val, _ = evaluate.run(eval_step, state["params"], val_batches, batch_shardings)
     train_eval, _ = evaluate.run(eval_step, state["params"], train_sample_batches, batch_shardings)
     row = {"kind": "eval", "step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
            "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"],
@@ -204,7 +204,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log(f"step {step}: val acc {val['accuracy']:.4f} loss {val['loss']:.4f} | train acc "
         f"{train_eval['accuracy']:.4f} loss {train_eval['loss']:.4f} | gap {row['overfitting_gap']:+.4f}")
     interval.reset()
-    del val_rewards
 
   interval, window, skipped_steps = _Running(), _Running(), []
   bar = tqdm.tqdm(total=num_steps, initial=start_step, disable=not (t.progress_bar and is_main), unit="step",
@@ -212,8 +211,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending = None  # (step, metrics on device): fetched one step late so dispatch never waits.
 
   def consume(step, metrics):
-    m = loss.finalize(jax.device_get(metrics)) | {k: float(metrics[k]) for k in ("grad_norm", "learning_rate")}
-    if metrics["skipped"]:
+    host = jax.device_get(metrics)
+    m = loss.finalize(host) | {k: float(host[k]) for k in ("grad_norm", "learning_rate")}
+    if host["skipped"]:
       if t.nan_policy == "stop":
         raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
                             f"the checkpoints in {ckpt.directory} are intact (lower train.learning_rate, or "
@@ -237,20 +237,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if pending is not None:
       consume(*pending)
     pending = (step, metrics)
-    if step % t.eval_every == 0 or step == num_steps:
+    at_eval = step % t.eval_every == 0 or step == num_steps
+    # Across hosts the signal check is a collective: do it at log cadence, not every step.
+    signalled = (nproc == 1 or step % t.log_every == 0) and stop.requested()
+    stopping = step < num_steps and (signalled or step - start_step == t.max_steps_per_run)
+    if at_eval or stopping:
       consume(*pending)  # Never checkpoint a state whose loss was not checked.
       pending = None
-      evaluate_and_save(step)
-    elif stop.requested() or step - start_step == t.max_steps_per_run:
-      consume(*pending)
-      pending = None
-      # An unscored checkpoint: resumable, but never a candidate for "best".
-      ckpt.save(step, state, iterator.get_state(), None)
+      if at_eval:
+        evaluate_and_save(step)
+      else:  # A resume-only checkpoint: never a candidate for "best".
+        ckpt.save(step, state, iterator.get_state(), None)
+    if stopping:
       ckpt.wait()
       bar.close()
-      log(f"stopped at step {step} ({'signal' if stop.requested() else 'train.max_steps_per_run'}); "
-          f"re-run with the same --workdir to continue")
+      history.close()
       stop.restore()
+      log(f"stopped at step {step} ({'signal' if signalled else 'train.max_steps_per_run'}); "
+          f"re-run with the same --workdir to continue")
       return {"stopped_at": step, "gate_pass": False, "preempted": True}
   stop.restore()
   bar.close()
