@@ -109,12 +109,17 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
   out = Encoded(ids=[], margin=np.zeros(0, np.float32), pairs=[])
   margins = []
   prompt_cache = {}
+  leading = leading_special_ids(tok)
   for pair in pairs:
     sides, cut = [], False
     for response in (pair.chosen, pair.rejected):
       prompt_text, response_text = render(pair.prompt, response, tok)
       if prompt_text not in prompt_cache:
-        prompt_cache[prompt_text] = tok(prompt_text, add_special_tokens=True)["input_ids"] if prompt_text else []
+        # A chat template writes its own BOS; plain text gets the tokenizer's leading specials (e.g. BOS) but
+        # never its trailing ones (EOS/SEP), which would land mid-sequence.
+        from_template = not isinstance(pair.prompt, str)
+        prompt_cache[prompt_text] = ([] if from_template else leading) + (
+            tok(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else [])
       ids = prompt_cache[prompt_text] + tok(response_text, add_special_tokens=False)["input_ids"] + [eos]
       if len(ids) > max_length:
         cut = True
@@ -130,6 +135,16 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
     margins.append(pair.margin)
   out.margin = np.asarray(margins, np.float32)
   return out
+
+
+def leading_special_ids(tok) -> list[int]:
+  """The special tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, none for GPT-2)."""
+  plain = tok("x", add_special_tokens=False)["input_ids"]
+  full = tok("x", add_special_tokens=True)["input_ids"]
+  for start in range(len(full) - len(plain) + 1):
+    if full[start:start + len(plain)] == plain:
+      return full[:start]
+  return []
 
 
 def bucket_lengths(max_length: int, num_buckets: int) -> list[int]:
