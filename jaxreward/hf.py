@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from jaxreward import model as model_lib
 from jaxreward.configuration import ConfigError
 
-# model_type -> (family name used in `architectures`, HF config class name).
+# model_type -> the prefix of its HF classes (`LlamaConfig`, `LlamaForSequenceClassification`, ...).
 _FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 _HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
 _ROPE_TYPES = ("default", "linear", "llama3")
