@@ -24,7 +24,7 @@ validation = a fixed random 400 of the 4,808 ethics_util_test pairs, `random.Ran
   was still rising and the loss had not converged (gate FAIL on loss_converged only). Next run: the
   full test file and train.num_steps=400+ (~2.5 h on these cores; minutes on one GPU).
 
-Memory: 134.5M parameters x (4 B + 8 B Adam) ≈ 1.6 GiB, plus activations of 16 pairs x 2 x 48 tokens x
+Memory: 134.5M parameters x (4 B + 8 B Adam) ≈ 1.6 GiB, plus activations of 8 pairs x 2 x 32 tokens x
 30 layers (< 0.5 GiB): ~2.5 GiB of host memory. On one 16 GiB GPU the same config fits with batch 64.
 """
 
