@@ -55,7 +55,7 @@ def load(workdir: str, which: str | int = "best", mesh_cfg=None) -> Loaded:
   from jaxreward import train  # pylint: disable=g-import-not-at-top  (train imports this module's users)
   config = read_config(workdir)
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-  model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
+  model_cfg = model_lib.ModelConfig.from_config(config.model, config.model.vocab_size or tokenizer_lib.vocab_size(tok))
   mesh_cfg = mesh_cfg or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "rules": config.mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg)
   rule_table = sharding.rules(mesh_cfg)

@@ -41,6 +41,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.model = m = ml_collections.ConfigDict()
   m.init_from = ""  # HF folder of an SFT model to start from; "" builds the model below from scratch.
+  m.vocab_size = 0  # V: 0 = the tokenizer's size (from scratch) or the HF config's (init_from); set by the run.
   m.hidden_size = 128  # D: residual width.
   m.num_layers = 4  # Decoder blocks.
   m.num_heads = 4  # N: query heads.

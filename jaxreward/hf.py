@@ -347,7 +347,9 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
         metrics = json.load(f)
       reward_stats = {"mean": metrics["val_reward_mean"], "std": metrics["val_reward_std"],
                       "source": "validation rewards of the best checkpoint (metrics.json)",
-                      "step": getattr(loaded_or_model, "step", None)}
+                      "step": getattr(loaded_or_model, "step", None),
+                      # Scorers must truncate as training did (keep_end at this length) to score alike.
+                      "max_length": loaded_or_model.config.data.max_length}
   if reward_stats is not None:
     # RL trainers normalise rewards as (r - mean) / std.
     with open(os.path.join(out_dir, "reward_normalization.json"), "w") as f:

@@ -126,6 +126,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json."""
   started = time.time()
   configuration.validate(config)
+  config = config.copy_and_resolve_references()  # The run records derived values (vocab size) in its own copy.
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -147,7 +148,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from jaxreward import hf  # pylint: disable=g-import-not-at-top
     model_cfg = hf.model_config(config.model.init_from, config.model)
   else:
-    model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
+    model_cfg = model_lib.ModelConfig.from_config(config.model, config.model.vocab_size or tokenizer_lib.vocab_size(tok))
+  if model_cfg.vocab_size < tokenizer_lib.vocab_size(tok):
+    raise configuration.ConfigError(f"config: the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
+                                    f"tokenizer's ({tokenizer_lib.vocab_size(tok)}); token ids would fall outside it")
+  config.model.vocab_size = model_cfg.vocab_size  # Recorded in config.json so the work dir rebuilds exactly.
   buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
   plan = pipeline.TrainPlan(prepared.train, t.batch_size, config.data.sort_window, t.seed)
   num_steps = total_steps(t, plan.batches_per_epoch)
