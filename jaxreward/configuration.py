@@ -111,7 +111,8 @@ def defaults() -> ml_collections.ConfigDict:
   g.min_train_accuracy = 0.70  # Best checkpoint's accuracy on the fixed training sample.
   g.min_val_accuracy = 0.70  # Best checkpoint's validation accuracy.
   g.max_gap = 0.10  # train_accuracy − val_accuracy must stay below this.
-  # Converged: mean training loss of the last eval interval changed by < rel_tol (or < abs_tol) vs. the one before.
+  # Converged: the last eval interval's mean training loss moved (vs. the one before) by < abs_tol, or by < rel_tol
+  # of the previous interval's loss or of the total drop since the first interval.
   g.converged_rel_tol = 0.10
   g.converged_abs_tol = 0.02
   return c

@@ -4,8 +4,9 @@ Criteria (thresholds from the config's `gate` section), judged on the best-by-va
 - train accuracy (on a fixed sample of training pairs, scored like validation) >= min_train_accuracy
 - validation accuracy >= min_val_accuracy
 - overfitting gap (train − validation accuracy) < max_gap
-- loss converged: the mean training loss over the last evaluation interval changed by less than
-  converged_rel_tol relative (or converged_abs_tol absolute) against the interval before it.
+- loss converged: the mean training loss over the last evaluation interval changed, against the interval
+  before it, by less than converged_abs_tol, or less than converged_rel_tol of that interval's loss or of
+  the whole drop since the first interval.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ REMEDIES = {
 
 
 def loss_converged(interval_losses: list[float], rel_tol: float, abs_tol: float) -> tuple[bool, str]:
+  """The last interval moved the loss little: < abs_tol, or < rel_tol of the previous interval's loss, or
+  < rel_tol of the whole drop since the first interval (a loss near zero halves cheaply; that is still a plateau)."""
   if len(interval_losses) < 2:
     return False, "fewer than two evaluation intervals"
-  prev, last = interval_losses[-2], interval_losses[-1]
-  change = abs(last - prev)
-  ok = change < abs_tol or change < rel_tol * abs(prev)
-  return ok, f"last interval {last:.4f} vs previous {prev:.4f} (change {change:.4f})"
+  first, prev, last = interval_losses[0], interval_losses[-2], interval_losses[-1]
+  change, total_drop = abs(last - prev), first - last
+  ok = change < abs_tol or change < rel_tol * abs(prev) or change < rel_tol * total_drop
+  return ok, (f"last interval {last:.4f} vs previous {prev:.4f} (change {change:.4f}; drop since the first "
+              f"interval {total_drop:.4f})")
 
 
 def judge(best: dict, interval_losses: list[float], gate_cfg) -> dict:

@@ -5,7 +5,7 @@ Exit codes: 0 gate passed, 3 gate failed, 2 bad config or input (one line on std
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxreward import configuration
@@ -18,6 +18,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; settings go through --config.SECTION.KEY=VALUE", file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO through absl.
   try:
     config = _CONFIG.value
     config.keys()  # A config file that failed to load only says so when first used.

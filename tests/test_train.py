@@ -127,3 +127,13 @@ def test_divergence_stops_loudly_or_is_skipped(tmp_path):
   config.train.nan_policy = "skip"
   summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
   assert summary["skipped_steps"] and summary["training_steps"] == 20
+
+
+def test_loss_converged_definition():
+  from jaxreward import gate
+  # Still falling fast relative to everything: not converged.
+  assert not gate.loss_converged([0.69, 0.60, 0.45], 0.10, 0.02)[0]
+  # Near zero the loss halves cheaply, but the step is tiny against the total drop: a plateau.
+  assert gate.loss_converged([0.45, 0.17, 0.0345, 0.0044], 0.10, 0.02)[0]
+  assert gate.loss_converged([0.70, 0.52, 0.51], 0.10, 0.0)[0]
+  assert not gate.loss_converged([0.5], 0.10, 0.02)[0]
