@@ -2,9 +2,13 @@
 
   python -m jaxreward.main --config configs/small.py --workdir runs/small
 
-Expected on the embedded synthetic task (2,400 pairs; sort / compare / repeat): validation accuracy
->= 0.95 and gate PASS in about 3 minutes on 2 CPU cores. On your data:
+Expected on the embedded synthetic task (2,400 pairs; compare / maximum / category): validation accuracy
+0.96-0.97 and gate PASS in about 2.5 minutes on 2 CPU cores (measured: 0.9641, 143 s, fresh venv). On your data:
   --config.data.train_path=pairs.jsonl [--config.data.validation_path=val.jsonl]
+ETHICS (ethics_util_train.jsonl, --config.train.num_epochs=2): validation 0.753 on its 20% split, 0.681 on
+ethics_util_test.jsonl, gate PASS. max_length=64 suits short texts like ETHICS; chat and long-answer files
+(Auto-J, PandaLM, the LLaMA-Factory and OASST files) have most pairs cut at 64: raise
+--config.data.max_length (e.g. 256, at ~4x the cost per step).
 Memory: ~1.2M parameters x (4 B + 8 B Adam) ≈ 15 MiB, plus activations of 32 pairs x 2 x 128 tokens
 (≈ 50 MiB): well under 1 GiB of host memory.
 """
