@@ -19,8 +19,10 @@ validation = a fixed random 400 of the 4,808 ethics_util_test pairs, `random.Ran
   step 96 (768 pairs; the same work dir resumed with --config.train.num_steps=96, so the cosine schedule
   was recomputed at step 64): test accuracy 75.75% (303/400; ±2.1% standard error), train-sample 90.6%,
   val loss 0.659; 1,090 s more (3,405 s, 57 min, in all).
-  75.75% is above the 74.6% frozen-feature probe (which saw 4,000 pairs) but by less than one standard
-  error on 400 pairs, so "beats" is not yet established. The run is compute-bound: training accuracy
+  Full ethics_util_test.jsonl (4,808 pairs, `python -m jaxreward.evaluate --workdir runs/smollm2_100
+  --data ../shared/data/ethics_util_test.jsonl`): 75.08% (95% Wilson CI 73.84-76.29%), loss 0.672.
+  That is above the 74.6% frozen-feature probe (which saw 4,000 pairs) on the point estimate, but the
+  interval still includes 74.6%. The run is compute-bound: training accuracy
   was still rising and the loss had not converged (gate FAIL on loss_converged only). Next run: the
   full test file and train.num_steps=400+ (~2.5 h on these cores; minutes on one GPU).
 
