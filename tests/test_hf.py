@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, load_config  # pylint: disable=g-bad-import-order
+from conftest import ROOT, SHARED_DATA  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch", reason="torch is in the test extra; parity tests compare against it")
 transformers = pytest.importorskip("transformers")
 
-import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import ml_collections  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,6 @@
 """Mesh resolution, annotation checks, and sharded training equal to single-device training."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
