@@ -7,6 +7,7 @@ rules table, and this module turns both into `NamedSharding`s. Nothing else in t
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -81,7 +82,6 @@ def check_annotated(abstract_state) -> None:
 
 def initialize_processes(dist_cfg) -> None:
   """Joins a multi-host job before any device is touched; a no-op for single-process runs."""
-  import os  # pylint: disable=g-import-not-at-top
   on_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or "SLURM_NTASKS" in os.environ
   wanted = dist_cfg.initialize == "yes" or (dist_cfg.initialize == "auto" and (dist_cfg.coordinator_address or on_pod))
   if not wanted:
