@@ -44,6 +44,9 @@ def get_config():
   config.model.param_dtype = "float32"
   config.model.remat = True  # Recompute each block in the backward pass: ~16x fewer saved activations.
   config.model.attention = "cudnn"  # Flash attention on NVIDIA GPUs; set "xla" on TPU or CPU.
+  # cuDNN's kernel takes no segment mask here, so batches are length-bucketed; with attention=xla (TPU) set
+  # data.packing=True for less padding.
+  config.data.packing = False
   config.train.batch_size = 32
   config.train.num_epochs = 1.0  # Reward models overfit after one epoch (InstructGPT, TRL defaults).
   config.train.learning_rate = 1e-5

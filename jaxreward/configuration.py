@@ -35,8 +35,9 @@ def defaults() -> ml_collections.ConfigDict:
   d.vocab_size = 2048  # Vocabulary of the trained BPE tokenizer (ignored with a tokenizer folder).
   d.max_length = 128  # Tokens per sequence (prompt + response + EOS).
   d.truncation = "keep_end"  # keep_end: cut the prompt's start first, never a response's end; drop: skip pair.
-  d.num_buckets = 8  # Padded lengths used: max_length·k/num_buckets (rounded to 8); few shapes, little padding.
-  d.sort_window = 32  # Batches per window sorted by length before batching (1 = no sorting).
+  d.packing = True  # Train on sequences packed into rows of max_length (segment-masked): far less padding.
+  d.num_buckets = 8  # Padded shapes: lengths max_length·k/num_buckets (rounded to 8), or packed row counts.
+  d.sort_window = 32  # Without packing: batches per window sorted by length before batching (1 = no sorting).
   d.min_pairs = 1000  # Warn below this many usable pairs (also 80% / 20% of it for train / validation).
 
   c.model = m = ml_collections.ConfigDict()
@@ -171,6 +172,10 @@ def validate(config) -> None:
                         "head_dim (or set model.head_dim)")
   if m.attention == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError("config: model.attention='cudnn' needs model.dtype='bfloat16'")
+  if m.attention == "cudnn" and d.packing:
+    # cuDNN's fused kernel takes the segment mask only as a dense bias; not verified on a GPU yet.
+    raise ConfigError("config: data.packing needs model.attention='xla' (cudnn is not supported with packed rows); "
+                      "set data.packing=False or model.attention='xla'")
   for key in ("min_train_accuracy", "min_val_accuracy", "max_gap"):
     if not 0.0 <= config.gate[key] <= 1.0:
       raise ConfigError(f"config: gate.{key}={config.gate[key]}; expected a fraction in [0, 1]")

@@ -23,9 +23,12 @@ def make_eval_step(graphdef, params_shardings, mesh, rule_table):
                  out_shardings=replicated)
 
 
-def batch_shardings(mesh, rule_table) -> dict:
-  ndims = {"tokens_BxPxL": 3, "lengths_BxP": 2, "weight_B": 1, "margin_B": 1}
-  return {k: sharding.batch_sharding(mesh, rule_table, n) for k, n in ndims.items()}
+BUCKETED_KEYS = ("tokens_BxPxL", "lengths_BxP", "weight_B", "margin_B")
+
+
+def batch_shardings(mesh, rule_table, keys=BUCKETED_KEYS) -> dict:
+  """Leading axis over the batch shards; the shape letters after the last '_' give each array's rank."""
+  return {k: sharding.batch_sharding(mesh, rule_table, k.rsplit("_", 1)[1].count("x") + 1) for k in keys}
 
 
 def to_device(batch: dict, shardings: dict) -> dict:

@@ -107,10 +107,11 @@ def rope_frequencies(cfg: ModelConfig):
   return inv_freq_H2
 
 
-def apply_rope(x_BxLxNxH, positions_L, inv_freq_H2):
-  angles_LxH2 = positions_L[:, None].astype(jnp.float32) * inv_freq_H2[None, :]
-  angles_LxH = jnp.concatenate([angles_LxH2, angles_LxH2], axis=-1)
-  cos, sin = jnp.cos(angles_LxH)[None, :, None, :], jnp.sin(angles_LxH)[None, :, None, :]
+def apply_rope(x_BxLxNxH, positions_BxL, inv_freq_H2):
+  """`positions_BxL` may have a leading 1 (every row counts from 0) or per-row positions (packed rows)."""
+  angles_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_H2
+  angles_BxLxH = jnp.concatenate([angles_BxLxH2, angles_BxLxH2], axis=-1)
+  cos, sin = jnp.cos(angles_BxLxH)[:, :, None, :], jnp.sin(angles_BxLxH)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -131,7 +132,7 @@ class Attention(nnx.Module):
       self.k_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
       self.v_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
 
-  def __call__(self, x_BxLxD, positions_L, inv_freq_H2):
+  def __call__(self, x_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, l, _ = x_BxLxD.shape
     q_BxLxNH = jnp.einsum("bld,de->ble", x_BxLxD, self.q_DxNH[...].astype(dt))
@@ -141,12 +142,16 @@ class Attention(nnx.Module):
       q_BxLxNH += self.q_bias_NH[...].astype(dt)
       k_BxLxKH += self.k_bias_KH[...].astype(dt)
       v_BxLxKH += self.v_bias_KH[...].astype(dt)
-    q_BxLxNxH = apply_rope(q_BxLxNH.reshape(b, l, cfg.num_heads, cfg.head_dim), positions_L, inv_freq_H2)
-    k_BxLxKxH = apply_rope(k_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim), positions_L, inv_freq_H2)
+    q_BxLxNxH = apply_rope(q_BxLxNH.reshape(b, l, cfg.num_heads, cfg.head_dim), positions_BxL, inv_freq_H2)
+    k_BxLxKxH = apply_rope(k_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim), positions_BxL, inv_freq_H2)
     v_BxLxKxH = v_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     # Sequences are right-padded and the reward is read at the last real token, so a causal mask alone
-    # keeps padding out of every position that matters.
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
+    # keeps padding out of every position that matters. Packed rows hold several sequences: a token also
+    # sees only its own segment (padding is segment 0 and sees itself, so no softmax row is empty).
+    mask_Bx1xLxL = None
+    if segments_BxL is not None:
+      mask_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
+    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
                                                implementation=None if cfg.attention == "xla" else cfg.attention)
     return jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt))
 
@@ -173,8 +178,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
     self.mlp = FeedForward(cfg, rngs)
 
-  def __call__(self, h_BxLxD, positions_L, inv_freq_H2):
-    h_BxLxD = h_BxLxD + self.attn(self.attn_norm(h_BxLxD), positions_L, inv_freq_H2)
+  def __call__(self, h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None):
+    h_BxLxD = h_BxLxD + self.attn(self.attn_norm(h_BxLxD), positions_BxL, inv_freq_H2, segments_BxL)
     return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
 
 
@@ -187,16 +192,19 @@ class Backbone(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
 
-  def __call__(self, tokens_BxL):
+  def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+    """One sequence per row by default; packed rows pass each token's position in, and segment id of, its
+    own sequence (segment 0 is padding)."""
     dt = jnp.dtype(self.cfg.dtype)
     h_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
-    positions_L = jnp.arange(tokens_BxL.shape[1])
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None]
     inv_freq_H2 = rope_frequencies(self.cfg)
     for block in self.blocks:
       if self.cfg.remat:
-        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_L, inv_freq_H2))(block, h_BxLxD)
+        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_BxL, inv_freq_H2, segments_BxL))(block, h_BxLxD)
       else:
-        h_BxLxD = block(h_BxLxD, positions_L, inv_freq_H2)
+        h_BxLxD = block(h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL)
     return self.final_norm(h_BxLxD)
 
 
@@ -217,13 +225,27 @@ class RewardModel(nnx.Module):
     last_B = jnp.maximum(lengths_B - 1, 0)
     return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0, :]
 
+  def head(self, h_BxD):
+    return jnp.einsum("bd,do->bo", h_BxD.astype(jnp.float32), self.score_Dx1[...].astype(jnp.float32))[:, 0]
+
   def __call__(self, tokens_BxL, lengths_B):
     """Reward per sequence, float32, shape [B]."""
-    h_BxD = self.hidden_at_last_token(tokens_BxL, lengths_B)
-    return jnp.einsum("bd,do->bo", h_BxD.astype(jnp.float32), self.score_Dx1[...].astype(jnp.float32))[:, 0]
+    return self.head(self.hidden_at_last_token(tokens_BxL, lengths_B))
 
   def score_pairs(self, tokens_BxPxL, lengths_BxP):
     """Rewards of both sides of each pair; the pair axis is folded into the batch around the backbone."""
     b, p, l = tokens_BxPxL.shape
     r_BP = self(tokens_BxPxL.reshape(b * p, l), lengths_BxP.reshape(b * p))
     return r_BP.reshape(b, p)
+
+  def score_packed(self, tokens_GxRxL, positions_GxRxL, segments_GxRxL, ends_GxBxP):
+    """Rewards of packed pairs: group g's R rows hold the sequences of its B pairs, and `ends_GxBxP` is each
+    side's EOS as a flat index r·L + l into its group's rows. Groups are the sharded axis, so every gather
+    stays on the device that holds the group; groups x rows fold into the batch around the backbone."""
+    g, r, l = tokens_GxRxL.shape
+    _, b, p = ends_GxBxP.shape
+    h_GRxLxD = self.backbone(tokens_GxRxL.reshape(g * r, l), positions_GxRxL.reshape(g * r, l),
+                             segments_GxRxL.reshape(g * r, l))
+    h_GxRLxD = h_GRxLxD.reshape(g, r * l, -1)
+    h_GxBPxD = jnp.take_along_axis(h_GxRLxD, ends_GxBxP.reshape(g, b * p)[:, :, None], axis=1)
+    return self.head(h_GxBPxD.reshape(g * b * p, -1)).reshape(g, b, p)

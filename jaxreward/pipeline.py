@@ -7,9 +7,11 @@ A batch is a dict of numpy arrays holding this host's rows of the global batch:
   margin_B     float32 the dataset's preference margin (0 when absent)
 
 Training batches follow a plan that depends only on (seed, epoch): shuffle, sort windows of
-`sort_window` batches by length, cut into batches, shuffle the batches. Each batch is padded to the
-smallest of a few bucket lengths that fits it, so XLA compiles few programs and little compute is
-spent on padding. The grain iterator's state (the next step) is saved with every checkpoint.
+`sort_window` batches by length, cut into batches, shuffle the batches. A layout turns each batch's pair
+indices into arrays: `BucketedLayout` pads it to the smallest of a few bucket lengths that fits it (the
+layout above; evaluation always uses it), `packing.PackedLayout` packs its sequences into rows (training
+with data.packing; no length sorting is needed then). Either way XLA compiles few programs. The grain
+iterator's state (the next step) is saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -165,6 +167,20 @@ def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list
           "margin_B": enc.margin[indices]}
 
 
+class BucketedLayout:
+  """The B x P x L layout: each batch padded to the smallest bucket length that fits its longest sequence."""
+
+  def __init__(self, buckets: list[int], pad_id: int):
+    self.buckets, self.pad_id = buckets, pad_id
+
+  def collate(self, enc: Encoded, indices: np.ndarray, weight: np.ndarray) -> dict:
+    return collate(enc, indices, weight, self.buckets, self.pad_id)
+
+  def slots(self, enc: Encoded, indices: np.ndarray) -> int:
+    longest = max(max(len(enc.ids[i][0]), len(enc.ids[i][1])) for i in indices)
+    return next(b for b in self.buckets if b >= longest) * len(indices) * 2
+
+
 class TrainPlan:
   """Which pairs form global batch `step`; a pure function of (seed, step)."""
 
@@ -192,32 +208,34 @@ class TrainPlan:
   def indices(self, step: int) -> np.ndarray:
     return self.epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
 
-  def padding_fraction(self, epoch: int, buckets: list[int]) -> float:
-    """Share of the epoch's token slots that are padding."""
+  def padding_fraction(self, epoch: int, layout) -> float:
+    """Share of the epoch's token slots that are padding under `layout`."""
     lengths = self.enc.lengths()
     real = padded = 0
     for idx in self.epoch(epoch):
-      width = next(b for b in buckets if b >= self.pair_lengths[idx].max())
       real += int(lengths[idx].sum())
-      padded += width * len(idx) * 2
+      padded += layout.slots(self.enc, idx)
     return 1.0 - real / padded
 
 
-def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-  if batch_size % process_count:
-    raise ConfigError(f"train.batch_size={batch_size} does not split over {process_count} processes")
-  per = batch_size // process_count
+def host_rows(leading: int, process_index: int, process_count: int, what: str = "train.batch_size") -> slice:
+  """This host's share of a global batch's leading axis (pairs, or packing groups)."""
+  if leading % process_count:
+    raise ConfigError(f"config: {what}={leading} does not split over {process_count} processes")
+  per = leading // process_count
   return slice(process_index * per, (process_index + 1) * per)
 
 
-def train_dataset(plan: TrainPlan, num_steps: int, buckets, pad_id: int, process_index: int, process_count: int):
+def train_dataset(plan: TrainPlan, num_steps: int, layout, process_index: int, process_count: int):
   """A grain IterDataset of this host's rows of batches 0..num_steps-1; resumable via get/set_state."""
-  rows = host_rows(plan.batch_size, process_index, process_count)
 
   def make_batch(step):
     indices = plan.indices(int(step))
-    # The padded width comes from the whole global batch so every host builds the same shape.
-    batch = collate(plan.enc, indices, np.ones(len(indices)), buckets, pad_id)
+    # Shapes (padded width, packed rows) come from the whole global batch so every host builds the same.
+    batch = layout.collate(plan.enc, indices, np.ones(len(indices)))
+    leading = next(iter(batch.values())).shape[0]
+    what = "train.batch_size" if leading == plan.batch_size else "packing groups (data x fsdp x grad_accum_steps)"
+    rows = host_rows(leading, process_index, process_count, what)
     return {k: v[rows] for k, v in batch.items()}
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(

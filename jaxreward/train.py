@@ -15,7 +15,7 @@ import tqdm
 from flax import nnx
 
 from jaxreward import analysis, checkpoint, configuration, corpus, evaluate, gate, loss, memory, model as model_lib
-from jaxreward import optimizer, pipeline, preemption, report, sharding, tensorboard, tokenizer as tokenizer_lib
+from jaxreward import optimizer, packing, pipeline, preemption, report, sharding, tensorboard, tokenizer as tokenizer_lib
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,8 +69,14 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
 
   def sum_loss(params, micro):
     model = nnx.merge(graphdef, params)
-    r_Bx2 = model.score_pairs(micro["tokens_BxPxL"], micro["lengths_BxP"])
-    sums = loss.batch_sums(r_Bx2, micro["weight_B"], micro["margin_B"], center_coef)
+    if "ends_GxBxP" in micro:  # Packed rows (packing.py): groups of pairs flatten back into pairs.
+      r_Bx2 = model.score_packed(micro["tokens_GxRxL"], micro["positions_GxRxL"], micro["segments_GxRxL"],
+                                 micro["ends_GxBxP"]).reshape(-1, 2)
+      weight_B, margin_B = micro["weight_GxB"].reshape(-1), micro["margin_GxB"].reshape(-1)
+    else:
+      r_Bx2 = model.score_pairs(micro["tokens_BxPxL"], micro["lengths_BxP"])
+      weight_B, margin_B = micro["weight_B"], micro["margin_B"]
+    sums = loss.batch_sums(r_Bx2, weight_B, margin_B, center_coef)
     return sums["loss"], sums
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
@@ -80,7 +86,7 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
     if grad_accum_steps == 1:
       (_, sums), grads = grad_fn(params, batch)
     else:
-      # Rows i::A form microbatch i, so each device's rows split locally without moving data.
+      # Rows (or packing groups) i::A form microbatch i, so each device's rows split locally without moving data.
       micro_AxB = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
@@ -105,9 +111,9 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
   return train_step
 
 
-def jit_train_step(train_step, state_shardings, mesh, rule_table):
+def jit_train_step(train_step, state_shardings, mesh, rule_table, batch_keys=evaluate.BUCKETED_KEYS):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step, in_shardings=(state_shardings, evaluate.batch_shardings(mesh, rule_table)),
+  return jax.jit(train_step, in_shardings=(state_shardings, evaluate.batch_shardings(mesh, rule_table, batch_keys)),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
@@ -154,11 +160,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     f"tokenizer's ({tokenizer_lib.vocab_size(tok)}); token ids would fall outside it")
   config.model.vocab_size = model_cfg.vocab_size  # Recorded in config.json so the work dir rebuilds exactly.
   buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
-  plan = pipeline.TrainPlan(prepared.train, t.batch_size, config.data.sort_window, t.seed)
+  pid, nproc = jax.process_index(), jax.process_count()
+  # Packed batches need no length sorting: any mix of lengths packs well.
+  plan = pipeline.TrainPlan(prepared.train, t.batch_size, 1 if config.data.packing else config.data.sort_window,
+                            t.seed)
   num_steps = total_steps(t, plan.batches_per_epoch)
-  padding = plan.padding_fraction(0, buckets)
+  num_epochs = -(-num_steps // plan.batches_per_epoch)
+  if config.data.packing:
+    layout = packing.PackedLayout(config.data.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
+                                  tok.pad_token_id)
+    pipeline.host_rows(layout.groups, pid, nproc, "packing groups (data x fsdp x grad_accum_steps)")
+    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], config.data.num_buckets)
+    shapes = f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {config.data.max_length}"
+    batch_keys = packing.KEYS
+  else:
+    layout = pipeline.BucketedLayout(buckets, tok.pad_token_id)
+    pipeline.host_rows(t.batch_size, pid, nproc)
+    shapes, batch_keys = f"buckets {buckets}", evaluate.BUCKETED_KEYS
+  padding_by_epoch = [plan.padding_fraction(e, layout) for e in range(num_epochs)]
+  padding = float(np.mean(padding_by_epoch))
   log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation pairs; {num_steps} steps "
-      f"({plan.batches_per_epoch} per epoch); buckets {buckets}; padding {padding:.1%} of token slots")
+      f"({plan.batches_per_epoch} per epoch); {shapes}; padding {padding:.1%} of token slots")
 
   tx, schedule = optimizer.make(t, num_steps)
   graphdef, state, state_shardings = create_state(model_cfg, tx, mesh, rule_table, t.seed)
@@ -172,10 +194,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   train_step = jit_train_step(make_train_step(graphdef, tx, schedule, t.center_rewards_coef, t.grad_accum_steps),
-                              state_shardings, mesh, rule_table)
+                              state_shardings, mesh, rule_table, batch_keys)
+  train_batch_shardings = evaluate.batch_shardings(mesh, rule_table, batch_keys)
   batch_shardings = evaluate.batch_shardings(mesh, rule_table)
   eval_step = evaluate.make_eval_step(graphdef, state_shardings["params"], mesh, rule_table)
-  pid, nproc = jax.process_index(), jax.process_count()
   val_batches = pipeline.eval_batches(prepared.validation, np.arange(len(prepared.validation)), t.eval_batch_size,
                                       buckets, tok.pad_token_id, pid, nproc)
   sample = np.random.default_rng([t.seed, 1]).permutation(len(prepared.train))[:t.train_eval_pairs]
@@ -184,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
-  start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, buckets, tok.pad_token_id, pid, nproc))
+  start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, layout, pid, nproc))
   if ckpt.latest_step() is not None:
     start_step = ckpt.latest_step()
     state, data_state = ckpt.restore(start_step, state)
@@ -237,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   stop = preemption.StopSignal()
   for step in range(start_step + 1, num_steps + 1):
-    batch = evaluate.to_device(next(iterator), batch_shardings)
+    batch = evaluate.to_device(next(iterator), train_batch_shardings)
     state, metrics = train_step(state, batch)
     if pending is not None:
       consume(*pending)
@@ -286,7 +308,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "val_reward_mean": best["val_reward_mean"], "val_reward_std": best["val_reward_std"],
       "num_parameters": int(num_params), "vocab_size": model_cfg.vocab_size, "training_steps": num_steps,
       "best_step": best_step, "latest_step": ckpt.latest_step(), "random_baseline_accuracy": 0.5,
-      "padding_fraction": padding, "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
+      "padding_fraction": padding, "padding_fraction_by_epoch": padding_by_epoch, "packing": config.data.packing,
+      "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
       "gate": verdict, "gate_pass": verdict["pass"], "skipped_steps": skipped_steps,
       "validation_analysis": validation_analysis,
       **{k: v for k, v in prepared.stats.items()},

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxreward import corpus, data, pipeline, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import corpus, data, packing, pipeline, tfds_data, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -212,13 +212,19 @@ def test_tiny_training_from_tfds(tiny_config, tmp_path):
 # --- exact resume -------------------------------------------------------------------------------------------
 
 
-def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tmp_path, packed):
   tiny_config.data.train_path = write_jsonl(tmp_path / "t.jsonl", rows(100))
   prepared, _ = prepare(tiny_config)
   plan = pipeline.TrainPlan(prepared.train, batch_size=16, sort_window=2, seed=3)
-  buckets = pipeline.bucket_lengths(tiny_config.data.max_length, tiny_config.data.num_buckets)
   pad = prepared.tokenizer.pad_token_id
-  make = lambda: iter(pipeline.train_dataset(plan, 20, buckets, pad, 0, 1))
+  if packed:
+    layout = packing.PackedLayout(tiny_config.data.max_length, 2, 16, pad)
+    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], 2)
+  else:
+    layout = pipeline.BucketedLayout(
+        pipeline.bucket_lengths(tiny_config.data.max_length, tiny_config.data.num_buckets), pad)
+  make = lambda: iter(pipeline.train_dataset(plan, 20, layout, 0, 1))
   original = make()
   for _ in range(7):  # 5 batches per epoch: the saved state lies in the second epoch.
     next(original)
@@ -231,7 +237,8 @@ def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tm
     for k in expected:
       np.testing.assert_array_equal(expected[k], got[k])
   fresh = make()
-  assert not np.array_equal(next(fresh)["tokens_BxPxL"], next(make_after(make, 11))["tokens_BxPxL"])
+  key = "tokens_GxRxL" if packed else "tokens_BxPxL"
+  assert not np.array_equal(next(fresh)[key], next(make_after(make, 11))[key])
 
 
 def make_after(make, n):

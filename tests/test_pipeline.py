@@ -64,8 +64,8 @@ def test_plan_is_deterministic_covers_each_epoch_and_sorts_windows():
   assert len(set(epoch0.ravel())) == epoch0.size == (len(enc) // 16) * 16
   assert not np.array_equal(plan_a.epoch(0), plan_a.epoch(1))
   unsorted = pipeline.TrainPlan(enc, 16, 1, seed=3)
-  buckets = pipeline.bucket_lengths(64, 8)
-  assert plan_a.padding_fraction(0, buckets) < unsorted.padding_fraction(0, buckets)
+  layout = pipeline.BucketedLayout(pipeline.bucket_lengths(64, 8), 0)
+  assert plan_a.padding_fraction(0, layout) < unsorted.padding_fraction(0, layout)
 
 
 def test_eval_batches_cover_every_pair_once():

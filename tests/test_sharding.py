@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreward import model as model_lib, optimizer, pipeline, sharding, synthetic, tokenizer, train
+from jaxreward import model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer, train
 from tests.conftest import load_config
 
 
@@ -35,7 +35,7 @@ def test_unannotated_large_parameter_is_an_error():
     sharding.check_annotated(nnx.state(Bad(), nnx.Param))
 
 
-def _run_steps(mesh_config, num_steps=5):
+def _run_steps(mesh_config, num_steps=5, packed=False):
   config = load_config("tiny")
   tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
   enc = pipeline.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
@@ -44,10 +44,17 @@ def _run_steps(mesh_config, num_steps=5):
   rule_table = sharding.rules(mesh_config)
   tx, schedule = optimizer.make(config.train, num_steps)
   graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
-  step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0), shardings, mesh, rule_table)
-  batch_shardings = train.evaluate.batch_shardings(mesh, rule_table)
   plan = pipeline.TrainPlan(enc, 16, 4, seed=0)
-  it = iter(pipeline.train_dataset(plan, num_steps, [32, 64], tok.pad_token_id, 0, 1))
+  if packed:  # One packing group per batch shard; the packing itself differs with the mesh, the math must not.
+    layout = packing.PackedLayout(64, mesh.shape["data"] * mesh.shape["fsdp"], 16, tok.pad_token_id)
+    layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 4)
+    keys = packing.KEYS
+  else:
+    layout, keys = pipeline.BucketedLayout([32, 64], tok.pad_token_id), train.evaluate.BUCKETED_KEYS
+  step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0), shardings, mesh, rule_table,
+                                 keys)
+  batch_shardings = train.evaluate.batch_shardings(mesh, rule_table, keys)
+  it = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
   losses = []
   for _ in range(num_steps):
     state, metrics = step_fn(state, train.evaluate.to_device(next(it), batch_shardings))
@@ -55,10 +62,11 @@ def _run_steps(mesh_config, num_steps=5):
   return np.array(losses), jax.device_get(state["params"]), state
 
 
-def test_sharded_training_equals_single_device():
+@pytest.mark.parametrize("packed", [False, True])
+def test_sharded_training_equals_single_device(packed):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-  single, params_1, _ = _run_steps(mesh_cfg(1, 1, 1))
-  sharded, params_8, state_8 = _run_steps(mesh_cfg(2, 2, 2))
+  single, params_1, _ = _run_steps(mesh_cfg(1, 1, 1), packed=packed)
+  sharded, params_8, state_8 = _run_steps(mesh_cfg(2, 2, 2), packed=packed)
   np.testing.assert_allclose(sharded, single, atol=1e-4)
   for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -66,3 +74,12 @@ def test_sharded_training_equals_single_device():
   gate = state_8["params"]["backbone"]["blocks"][0]["mlp"]["gate_DxF"][...]
   assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert gate.addressable_shards[0].data.shape == (gate.shape[0] // 2, gate.shape[1] // 2)
+
+
+def test_packed_training_equals_bucketed_training():
+  """Same pairs per step, packed into rows or padded per sequence: the same losses and parameters."""
+  bucketed, params_b, _ = _run_steps(mesh_cfg(1, 1, 1))
+  packed, params_p, _ = _run_steps(mesh_cfg(1, 1, 1), packed=True)
+  np.testing.assert_allclose(packed, bucketed, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_b), jax.tree.leaves(params_p)):
+    np.testing.assert_allclose(a, b, atol=1e-5)

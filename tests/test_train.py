@@ -75,9 +75,9 @@ def test_interrupted_run_resumes_to_identical_results(finished_run, tmp_path):
     assert resumed[key] == uninterrupted[key], key
 
 
-def _one_step(grad_accum_steps, margin=0.0):
+def _one_step(grad_accum_steps, margin=0.0, packed=False):
   from tests.conftest import load_config
-  from jaxreward import model as model_lib, optimizer, pipeline, sharding, synthetic, tokenizer
+  from jaxreward import model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer
   config = load_config("tiny")
   pairs = synthetic.generate(64, 0)
   tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(pairs), 300)
@@ -87,10 +87,17 @@ def _one_step(grad_accum_steps, margin=0.0):
   tx, schedule = optimizer.make(config.train, 10)
   model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
   graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
+  if packed:  # One packing group per microbatch: the rows differ with grad_accum_steps, the update must not.
+    layout = packing.PackedLayout(64, grad_accum_steps, 16, tok.pad_token_id)
+    batch = layout.collate(enc, np.arange(16), np.ones(16))
+    batch["margin_GxB"] = np.full_like(batch["margin_GxB"], margin)
+    keys = packing.KEYS
+  else:
+    batch = pipeline.collate(enc, np.arange(16), np.ones(16), [32, 64], tok.pad_token_id)
+    batch["margin_B"] = np.full(16, margin, np.float32)
+    keys = train.evaluate.BUCKETED_KEYS
   step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0, grad_accum_steps), shardings,
-                                 mesh, rule_table)
-  batch = pipeline.collate(enc, np.arange(16), np.ones(16), [32, 64], tok.pad_token_id)
-  batch["margin_B"] = np.full(16, margin, np.float32)
+                                 mesh, rule_table, keys)
   before = jax.device_get(state["params"])
   for _ in range(3):  # Past the warmup's zero learning rate.
     state, metrics = step_fn(state, batch)
@@ -100,9 +107,10 @@ def _one_step(grad_accum_steps, margin=0.0):
 import jax  # noqa: E402  (used by the helpers below only)
 
 
-def test_gradient_accumulation_equals_the_big_batch():
-  _, full, m_full = _one_step(1)
-  _, accumulated, m_acc = _one_step(4)
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_accumulation_equals_the_big_batch(packed):
+  _, full, m_full = _one_step(1, packed=packed)
+  _, accumulated, m_acc = _one_step(4, packed=packed)
   assert abs(float(m_full["loss"]) - float(m_acc["loss"])) < 1e-4
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,0 +1,83 @@
+"""Packing: every sequence placed once, intact, and scored exactly as it would be alone."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreward import model as model_lib, packing, pipeline, synthetic, tokenizer
+from jaxreward.configuration import ConfigError
+
+CFG = model_lib.ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                            mlp_dim=48, qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def enc():
+  pairs = synthetic.generate(120, 0)
+  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(pairs), 300)
+  return pipeline.encode(pairs, tok, 64, "keep_end")
+
+
+def test_first_fit_decreasing_places_every_sequence_without_overlap():
+  lengths = np.random.default_rng(0).integers(1, 65, size=50)
+  row_N, offset_N, rows = packing.first_fit_decreasing(lengths, 64)
+  assert rows >= -(-lengths.sum() // 64)
+  occupied = np.zeros((rows, 64), int)
+  for n, r, o in zip(lengths, row_N, offset_N):
+    occupied[r, o:o + n] += 1
+  assert occupied.max() == 1 and occupied.sum() == lengths.sum()
+  with pytest.raises(ValueError, match="does not fit"):
+    packing.first_fit_decreasing(np.array([65]), 64)
+
+
+def test_collate_lays_out_each_sequence_intact(enc):
+  layout = packing.PackedLayout(64, 2, 16, pad_id=0)
+  indices = np.arange(3, 19)
+  batch = layout.collate(enc, indices, np.ones(16))
+  tokens, positions, segments, ends = (batch[k] for k in ("tokens_GxRxL", "positions_GxRxL", "segments_GxRxL",
+                                                          "ends_GxBxP"))
+  assert ends.shape == (2, 8, 2) and batch["weight_GxB"].shape == (2, 8)
+  real = sum(len(enc.ids[i][0]) + len(enc.ids[i][1]) for i in indices)
+  assert (segments > 0).sum() == real
+  for g in range(2):
+    for b in range(8):
+      for p in range(2):
+        ids = enc.ids[indices[g * 8 + b]][p]
+        row, end = divmod(int(ends[g, b, p]), 64)
+        start = end - len(ids) + 1
+        np.testing.assert_array_equal(tokens[g, row, start:end + 1], ids)
+        np.testing.assert_array_equal(positions[g, row, start:end + 1], np.arange(len(ids)))
+        assert len(set(segments[g, row, start:end + 1])) == 1 and segments[g, row, start] > 0
+  np.testing.assert_array_equal(batch["margin_GxB"].ravel(), enc.margin[indices])
+
+
+def test_row_buckets_cover_every_batch_and_stay_few(enc):
+  layout = packing.PackedLayout(64, 1, 32, pad_id=0)
+  plan = pipeline.TrainPlan(enc, 32, 1, seed=0)
+  needed = [layout.rows_needed(enc, idx) for idx in plan.epoch(0)]
+  buckets = layout.fit_buckets(needed, 4)
+  assert len(buckets) <= 6 and buckets[-1] == 64 and max(needed) in buckets
+  for idx in plan.epoch(1):  # A later epoch's batches also find a bucket.
+    assert layout.padded_rows(layout.rows_needed(enc, idx)) >= layout.rows_needed(enc, idx)
+  bucketed = plan.padding_fraction(0, pipeline.BucketedLayout(pipeline.bucket_lengths(64, 4), 0))
+  assert plan.padding_fraction(0, layout) < bucketed
+
+
+def test_groups_must_divide_the_batch():
+  with pytest.raises(ConfigError, match="packing groups"):
+    packing.PackedLayout(64, 3, 16, pad_id=0)
+
+
+def test_packed_rewards_equal_one_sequence_per_row(enc):
+  with nnx.use_eager_sharding(False):
+    model = model_lib.RewardModel(CFG, nnx.Rngs(0))
+  indices = np.arange(24)
+  layout = packing.PackedLayout(64, 3, 24, pad_id=0)
+  layout.fit_buckets([layout.rows_needed(enc, indices)], 1)
+  packed = layout.collate(enc, indices, np.ones(24))
+  assert packed["tokens_GxRxL"].shape[1] < 16, "several sequences share each row"
+  r_GxBxP = model.score_packed(*(jnp.asarray(packed[k]) for k in packing.KEYS[:4]))
+  plain = pipeline.collate(enc, indices, np.ones(24), [64], 0)
+  r_Bx2 = model.score_pairs(jnp.asarray(plain["tokens_BxPxL"]), jnp.asarray(plain["lengths_BxP"]))
+  np.testing.assert_allclose(np.asarray(r_GxBxP).reshape(-1, 2), r_Bx2, atol=1e-5)
