@@ -91,7 +91,9 @@ def model_card(summary: dict, config, gate_text: str, analysis_markdown: str = "
       f"{s['duplicates_removed']} duplicates and {s['leaks_removed']} prompt leaks removed, "
       f"{s['bad_lines_skipped']} bad lines skipped",
       f"- max length {d.max_length} tokens ({d.truncation}): {s['truncated_pairs']} pairs truncated, "
-      f"{s['dropped_pairs']} dropped; padding {s['padding_fraction']:.1%} of token slots", "",
+      f"{s['dropped_pairs']} dropped; padding {s['padding_fraction']:.1%} of training token slots "
+      f"({'sequences packed into rows' if s.get('packing') else 'length buckets'}; by epoch: "
+      f"{', '.join(f'{p:.1%}' for p in s.get('padding_fraction_by_epoch', []))})", "",
       "## Training", "",
       f"- {s['training_steps']} steps of batch {t.batch_size} pairs, AdamW lr {t.learning_rate} "
       f"({t.warmup_steps} warmup, {t.schedule} decay), weight decay {t.weight_decay}, clip {t.grad_clip_norm}, "

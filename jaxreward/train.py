@@ -117,6 +117,19 @@ def jit_train_step(train_step, state_shardings, mesh, rule_table, batch_keys=eva
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int, process_count: int):
+  """(layout, batch keys, description) of training batches: packed rows or length buckets (pipeline.py)."""
+  d, t = config.data, config.train
+  if d.packing:
+    layout = packing.PackedLayout(d.max_length, batch_shards * t.grad_accum_steps, t.batch_size, pad_id)
+    pipeline.host_rows(layout.groups, process_index, process_count, "packing groups (data x fsdp x grad_accum_steps)")
+    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
+    return layout, packing.KEYS, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {d.max_length}"
+  buckets = pipeline.bucket_lengths(d.max_length, d.num_buckets)
+  pipeline.host_rows(t.batch_size, process_index, process_count)
+  return pipeline.BucketedLayout(buckets, pad_id), evaluate.BUCKETED_KEYS, f"buckets {buckets}"
+
+
 def total_steps(train_cfg, batches_per_epoch: int) -> int:
   if train_cfg.num_steps:
     return int(train_cfg.num_steps)
@@ -166,17 +179,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             t.seed)
   num_steps = total_steps(t, plan.batches_per_epoch)
   num_epochs = -(-num_steps // plan.batches_per_epoch)
-  if config.data.packing:
-    layout = packing.PackedLayout(config.data.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
-                                  tok.pad_token_id)
-    pipeline.host_rows(layout.groups, pid, nproc, "packing groups (data x fsdp x grad_accum_steps)")
-    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], config.data.num_buckets)
-    shapes = f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {config.data.max_length}"
-    batch_keys = packing.KEYS
-  else:
-    layout = pipeline.BucketedLayout(buckets, tok.pad_token_id)
-    pipeline.host_rows(t.batch_size, pid, nproc)
-    shapes, batch_keys = f"buckets {buckets}", evaluate.BUCKETED_KEYS
+  layout, batch_keys, shapes = make_layout(config, plan, batch_shards, tok.pad_token_id, pid, nproc)
   padding_by_epoch = [plan.padding_fraction(e, layout) for e in range(num_epochs)]
   padding = float(np.mean(padding_by_epoch))
   log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation pairs; {num_steps} steps "

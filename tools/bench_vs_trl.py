@@ -8,10 +8,10 @@ Both sides train a Llama-architecture reward model of the config's dimensions (f
 byte-level BPE tokenizer (`tokenizer.train_bpe` on the training texts, built once here), the same token ids
 (jaxreward's encoding, keep_end truncation to --max_length: TRL itself would drop over-long pairs instead), the
 same batch size, AdamW (betas, eps, weight decay, clipping, warmup + cosine) and the same N pairs (one pass):
-  jax: the jitted train step of `train.py` over the real grain pipeline (length buckets, sorted-within-window
-       batches, prefetching thread), metrics fetched a step late as in `train_and_evaluate`. Every bucket shape
-       the run will use is compiled first on a throwaway state ("compile"), so the timed pass recompiles nothing
-       (counted).
+  jax: the jitted train step of `train.py` over the real grain pipeline (the config's layout: packed rows by
+       default, or with --config.data.packing=False length buckets and sorted-within-window batches; prefetching
+       thread), metrics fetched a step late as in `train_and_evaluate`. Every batch shape the run will use is
+       compiled first on a throwaway state ("compile"), so the timed pass recompiles nothing (counted).
   trl: `trl.RewardTrainer` on `transformers.LlamaForSequenceClassification`; its collator pads each batch to its
        longest sequence; no evaluation, saving or reporting.
 Each run is its own subprocess (clean peak RSS); sides alternate (jax, trl, jax, trl, ...) so load drift hits
@@ -178,27 +178,28 @@ def _jax_child(workdir: str) -> dict:
   t, d = config.train, config.data
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
   enc = pipeline.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  plan = pipeline.TrainPlan(enc, t.batch_size, d.sort_window, t.seed)
+  plan = pipeline.TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
   num_steps = plan.batches_per_epoch
-  buckets = pipeline.bucket_lengths(d.max_length, d.num_buckets)
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  layout, keys, _ = train.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
   model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
   tx, schedule = optimizer.make(t, num_steps)
   graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, t.seed)
   step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, t.center_rewards_coef,
-                                                    t.grad_accum_steps), shardings, mesh, rule_table)
-  batch_shardings = evaluate.batch_shardings(mesh, rule_table)
+                                                    t.grad_accum_steps), shardings, mesh, rule_table, keys)
+  batch_shardings = evaluate.batch_shardings(mesh, rule_table, keys)
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - began
 
   # Compile every shape the pass will use, on a throwaway state (the step donates its input).
-  first_of_width = {}
+  first_of_shape = {}
   for s in range(num_steps):
     idx = plan.indices(s)
-    first_of_width.setdefault(next(b for b in buckets if b >= plan.pair_lengths[idx].max()), idx)
+    first_of_shape.setdefault(layout.collate(enc, idx, np.ones(len(idx)))[keys[0]].shape, idx)
   start = time.perf_counter()
-  for idx in first_of_width.values():
-    batch = pipeline.collate(enc, idx, np.ones(len(idx)), buckets, tok.pad_token_id)
+  for idx in first_of_shape.values():
+    batch = layout.collate(enc, idx, np.ones(len(idx)))
     state, metrics = step(state, evaluate.to_device(batch, batch_shardings))
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
@@ -210,11 +211,11 @@ def _jax_child(workdir: str) -> dict:
   padded = real = 0
   ends, pending = [], None
   start = time.perf_counter()
-  iterator = iter(pipeline.train_dataset(plan, num_steps, buckets, tok.pad_token_id, 0, 1))
+  iterator = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
   for _ in range(num_steps):
     batch = next(iterator)
-    padded += batch["tokens_BxPxL"].size
-    real += int(batch["lengths_BxP"].sum())
+    padded += batch[keys[0]].size
+    real += int((batch["segments_GxRxL"] > 0).sum()) if d.packing else int(batch["lengths_BxP"].sum())
     state, metrics = step(state, evaluate.to_device(batch, batch_shardings))
     if pending is not None:
       jax.device_get(pending)
@@ -223,7 +224,7 @@ def _jax_child(workdir: str) -> dict:
   loss = float(jax.device_get(pending)["loss"]) / t.batch_size
   ends.append(time.perf_counter())
   return _summarise(ends, start, padded, real, setup_s, compile_s, final_loss=loss,
-                    distinct_shapes=sorted(first_of_width),
+                    distinct_shapes=sorted(first_of_shape),
                     recompiles_after_warmup=step._cache_size() - cache_before)  # pylint: disable=protected-access
 
 
