@@ -35,7 +35,10 @@ def defaults() -> ml_collections.ConfigDict:
   d.vocab_size = 2048  # Vocabulary of the trained BPE tokenizer (ignored with a tokenizer folder).
   d.max_length = 128  # Tokens per sequence (prompt + response + EOS).
   d.truncation = "keep_end"  # keep_end: cut the prompt's start first, never a response's end; drop: skip pair.
-  d.packing = True  # Train on sequences packed into rows of max_length (segment-masked): far less padding.
+  d.packing = True  # Train on sequences packed into rows (segment-masked): far less padding than buckets.
+  # Packed row width in tokens; 0 = max_length. When sequences often come close to max_length, rows of 2-4x
+  # max_length waste less at their ends (ETHICS at max_length 32, batch 8: 22.6% padding -> 15.8% at 64).
+  d.pack_length = 0
   d.num_buckets = 8  # Padded shapes: lengths max_length·k/num_buckets (rounded to 8), or packed row counts.
   d.sort_window = 32  # Without packing: batches per window sorted by length before batching (1 = no sorting).
   d.min_pairs = 1000  # Warn below this many usable pairs (also 80% / 20% of it for train / validation).
@@ -163,6 +166,9 @@ def validate(config) -> None:
     raise ConfigError("config: train.num_steps must be > 0, or train.num_epochs > 0 with num_steps = 0")
   if d.max_length % 8 or d.max_length < 8 * d.num_buckets:
     raise ConfigError(f"config: data.max_length={d.max_length}; expected a multiple of 8 and >= 8·num_buckets")
+  if d.pack_length and (d.pack_length % 8 or d.pack_length < d.max_length):
+    raise ConfigError(f"config: data.pack_length={d.pack_length}; expected 0 or a multiple of 8 >= data.max_length "
+                      f"({d.max_length})")
   if not m.init_from:
     if m.num_heads % m.num_kv_heads:
       raise ConfigError(f"config: model.num_heads={m.num_heads} must be a multiple of num_kv_heads={m.num_kv_heads}")

@@ -140,9 +140,14 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
 
 
 def from_config(config, model_cfg: model_lib.ModelConfig, mesh_shape: dict) -> dict:
-  """`estimate` for a run config and its resolved mesh, e.g. `dict(mesh.shape)` in train.py."""
-  return estimate(model_cfg, mesh_shape, sharding.rules(config.mesh), config.train.batch_size,
-                  config.data.max_length, grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
+  """`estimate` for a run config and its resolved mesh, e.g. `dict(mesh.shape)` in train.py.
+
+  Packed batches are bounded by their largest row count, one row per sequence, each `pack_length` wide: the
+  estimate takes that worst case (typical packed batches hold far fewer rows)."""
+  d = config.data
+  width = (d.get("pack_length", 0) or d.max_length) if d.get("packing", False) else d.max_length
+  return estimate(model_cfg, mesh_shape, sharding.rules(config.mesh), config.train.batch_size, width,
+                  grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
 
 
 def fits(est: dict) -> list[str]:

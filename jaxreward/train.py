@@ -121,10 +121,12 @@ def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int
   """(layout, batch keys, description) of training batches: packed rows or length buckets (pipeline.py)."""
   d, t = config.data, config.train
   if d.packing:
-    layout = packing.PackedLayout(d.max_length, batch_shards * t.grad_accum_steps, t.batch_size, pad_id)
+    layout = packing.PackedLayout(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
+                                  pad_id)
     pipeline.host_rows(layout.groups, process_index, process_count, "packing groups (data x fsdp x grad_accum_steps)")
     layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
-    return layout, packing.KEYS, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {d.max_length}"
+    return layout, packing.KEYS, (f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x "
+                                  f"{layout.row_length}")
   buckets = pipeline.bucket_lengths(d.max_length, d.num_buckets)
   pipeline.host_rows(t.batch_size, process_index, process_count)
   return pipeline.BucketedLayout(buckets, pad_id), evaluate.BUCKETED_KEYS, f"buckets {buckets}"

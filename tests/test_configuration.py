@@ -23,6 +23,7 @@ def test_shipped_configs_validate(name):
     ("data", "train_path", "/nonexistent/pairs.jsonl", "does not exist"),
     ("model", "num_kv_heads", 3, "multiple of num_kv_heads"),
     ("model", "attention", "cudnn", "needs model.dtype='bfloat16'"),
+    ("data", "pack_length", 60, "data.pack_length=60; expected 0 or a multiple of 8 >= data.max_length"),
     ("gate", "max_gap", 2.0, "gate.max_gap"),
     ("mesh", "tensor", 0, "mesh.tensor=0"),
 ])
@@ -32,6 +33,15 @@ def test_bad_values(section, key, value, message):
   with pytest.raises(configuration.ConfigError, match=None) as err:
     configuration.validate(config)
   assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_packing_with_cudnn_attention_is_refused():
+  config = load_config("tiny")
+  config.model.attention, config.model.dtype = "cudnn", "bfloat16"
+  with pytest.raises(configuration.ConfigError, match="data.packing needs model.attention='xla'"):
+    configuration.validate(config)
+  config.data.packing = False
+  configuration.validate(config)
 
 
 def test_unknown_key():

@@ -81,3 +81,15 @@ def test_packed_rewards_equal_one_sequence_per_row(enc):
   plain = pipeline.collate(enc, indices, np.ones(24), [64], 0)
   r_Bx2 = model.score_pairs(jnp.asarray(plain["tokens_BxPxL"]), jnp.asarray(plain["lengths_BxP"]))
   np.testing.assert_allclose(np.asarray(r_GxBxP).reshape(-1, 2), r_Bx2, atol=1e-5)
+
+
+def test_rows_barely_wider_than_the_longest_sequence_pack_worse(enc):
+  """The synthetic sequences run up to 44 tokens: rows of 48 hold one long one and little else."""
+  assert enc.lengths().max() <= 48
+  plan = pipeline.TrainPlan(enc, 16, 1, seed=0)
+  padding = {}
+  for width in (48, 64):
+    layout = packing.PackedLayout(width, 1, 16, pad_id=0)
+    layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 4)
+    padding[width] = plan.padding_fraction(0, layout)
+  assert padding[64] < padding[48] - 0.05, padding
