@@ -264,6 +264,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   stop = preemption.StopSignal()
   for step in range(start_step + 1, num_steps + 1):
+    if (step - 1) % plan.batches_per_epoch == 0:
+      epoch = (step - 1) // plan.batches_per_epoch
+      history.write({"kind": "epoch", "step": step, "epoch": epoch, "padding_fraction": padding_by_epoch[epoch]})
+      if epoch:
+        log(f"epoch {epoch} from step {step}: padding {padding_by_epoch[epoch]:.1%} of token slots")
     batch = evaluate.to_device(next(iterator), train_batch_shardings)
     state, metrics = train_step(state, batch)
     if pending is not None:

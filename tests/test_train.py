@@ -37,6 +37,11 @@ def test_has_a_pulse(finished_run):
   # The loss moves: the model is learning something on the synthetic task.
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]
   assert [r["step"] for r in rows if r["kind"] == "eval"] == [10, 20]
+  # Padding is reported per epoch: a row at each epoch's first step, and the list in metrics.json.
+  epochs = [r for r in rows if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in epochs] == list(range(len(metrics["padding_fraction_by_epoch"])))
+  assert [r["padding_fraction"] for r in epochs] == metrics["padding_fraction_by_epoch"]
+  assert metrics["packing"] and 0 <= metrics["padding_fraction"] < 0.5
 
 
 def test_best_and_latest_are_both_kept(finished_run):
