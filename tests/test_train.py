@@ -80,6 +80,18 @@ def test_interrupted_run_resumes_to_identical_results(finished_run, tmp_path):
     assert resumed[key] == uninterrupted[key], key
 
 
+def test_bucketed_run_without_packing(tmp_path):
+  """data.packing=False: length-sorted B x 2 x L batches through the whole job."""
+  from tests.conftest import load_config
+  config = load_config("tiny")
+  config.mesh.data = 1
+  config.data.packing = False
+  config.train.num_steps, config.train.eval_every = 6, 6
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert not summary["packing"] and summary["training_steps"] == 6 and np.isfinite(summary["val_loss"])
+  assert len(summary["padding_fraction_by_epoch"]) == 1 and 0 < summary["padding_fraction"] < 1
+
+
 def _one_step(grad_accum_steps, margin=0.0, packed=False):
   from tests.conftest import load_config
   from jaxreward import model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer
