@@ -145,7 +145,7 @@ def from_config(config, model_cfg: model_lib.ModelConfig, mesh_shape: dict) -> d
   Packed batches are bounded by their largest row count, one row per sequence, each `pack_length` wide: the
   estimate takes that worst case (typical packed batches hold far fewer rows)."""
   d = config.data
-  width = (d.get("pack_length", 0) or d.max_length) if d.get("packing", False) else d.max_length
+  width = (d.pack_length or d.max_length) if d.packing else d.max_length
   return estimate(model_cfg, mesh_shape, sharding.rules(config.mesh), config.train.batch_size, width,
                   grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
 

@@ -1,4 +1,4 @@
-"""Sequence packing: a batch's sequences laid end to end in rows of `max_length` tokens.
+"""Sequence packing: a batch's sequences laid end to end in rows of `data.pack_length` (or max_length) tokens.
 
 Bucketing alone cannot go below the padding of the B x P x L layout: chosen and rejected share one width,
 and a pair's sides differ in length. Packing drops that layout for training. A packed global batch is
@@ -52,8 +52,6 @@ class PackedLayout:
 
   def _group_lengths(self, enc, indices) -> np.ndarray:
     """[G, 2·B/G] sequence lengths, chosen and rejected of each pair side by side."""
-    if len(indices) % self.groups:
-      raise ConfigError(f"data: {len(indices)} pairs do not split into {self.groups} packing groups")
     lengths_BxP = np.array([[len(enc.ids[i][0]), len(enc.ids[i][1])] for i in indices], np.int32)
     return lengths_BxP.reshape(self.groups, -1)
 

@@ -233,9 +233,7 @@ def train_dataset(plan: TrainPlan, num_steps: int, layout, process_index: int, p
     indices = plan.indices(int(step))
     # Shapes (padded width, packed rows) come from the whole global batch so every host builds the same.
     batch = layout.collate(plan.enc, indices, np.ones(len(indices)))
-    leading = next(iter(batch.values())).shape[0]
-    what = "train.batch_size" if leading == plan.batch_size else "packing groups (data x fsdp x grad_accum_steps)"
-    rows = host_rows(leading, process_index, process_count, what)
+    rows = host_rows(next(iter(batch.values())).shape[0], process_index, process_count)
     return {k: v[rows] for k, v in batch.items()}
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(

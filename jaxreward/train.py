@@ -117,6 +117,13 @@ def jit_train_step(train_step, state_shardings, mesh, rule_table, batch_keys=eva
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+def make_plan(config, enc) -> pipeline.TrainPlan:
+  # Packed batches are drawn unsorted: any mix of lengths packs well, while length-sorted batches vary so much
+  # in row count that they need many more row buckets (ETHICS: 16-20% padding instead of 4%).
+  d, t = config.data, config.train
+  return pipeline.TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
+
+
 def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int, process_count: int):
   """(layout, batch keys, description) of training batches: packed rows or length buckets (pipeline.py)."""
   d, t = config.data, config.train
@@ -176,9 +183,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config.model.vocab_size = model_cfg.vocab_size  # Recorded in config.json so the work dir rebuilds exactly.
   buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
   pid, nproc = jax.process_index(), jax.process_count()
-  # Packed batches need no length sorting: any mix of lengths packs well.
-  plan = pipeline.TrainPlan(prepared.train, t.batch_size, 1 if config.data.packing else config.data.sort_window,
-                            t.seed)
+  plan = make_plan(config, prepared.train)
   num_steps = total_steps(t, plan.batches_per_epoch)
   num_epochs = -(-num_steps // plan.batches_per_epoch)
   layout, batch_keys, shapes = make_layout(config, plan, batch_shards, tok.pad_token_id, pid, nproc)

@@ -73,16 +73,15 @@ def test_tiny_trains_a_few_steps(name, tmp_path, tmp_path_factory):
 
 
 def test_packing_keeps_padding_under_15_percent_on_ethics():
-  from jaxreward import pipeline, train  # pylint: disable=g-import-not-at-top
+  from jaxreward import train  # pylint: disable=g-import-not-at-top
   config = load_config("small")
   config.data.train_path = str(require_shared_data() / "ethics_util_train.jsonl")
   prepared = corpus.prepare(config, lambda message: None)
-  t = config.train
-  plan = pipeline.TrainPlan(prepared.train, t.batch_size, 1, t.seed)  # Packed runs use unsorted batches.
+  plan = train.make_plan(config, prepared.train)
   layout, _, _ = train.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
   packed = [plan.padding_fraction(epoch, layout) for epoch in range(3)]
   assert max(packed) < 0.15, packed
   config.data.packing = False
-  sorted_plan = pipeline.TrainPlan(prepared.train, t.batch_size, config.data.sort_window, t.seed)
+  sorted_plan = train.make_plan(config, prepared.train)
   bucketed, _, _ = train.make_layout(config, sorted_plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
   assert sorted_plan.padding_fraction(0, bucketed) > 2 * max(packed)

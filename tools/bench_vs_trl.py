@@ -178,7 +178,7 @@ def _jax_child(workdir: str) -> dict:
   t, d = config.train, config.data
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
   enc = pipeline.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  plan = pipeline.TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
+  plan = train.make_plan(config, enc)
   num_steps = plan.batches_per_epoch
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
