@@ -7,7 +7,8 @@ Expected on the embedded synthetic task (2,400 pairs; compare / maximum / catego
 0.934 / 0.963 / 0.969, 117 s for seed 0; the seed also picks the split). On your data:
   --config.data.train_path=pairs.jsonl [--config.data.validation_path=val.jsonl]
 ETHICS (ethics_util_train.jsonl, --config.train.num_epochs=2): validation 0.749 on its 20% split, 0.673 on
-ethics_util_test.jsonl (95% CI 0.659-0.686), gate PASS, 4.5 minutes; 4.1% of token slots are padding. max_length=64 suits short texts like ETHICS; chat and long-answer files
+ethics_util_test.jsonl (95% CI 0.659-0.686), gate PASS, 4.5 minutes; 4.1% of token slots are padding.
+max_length=64 suits short texts like ETHICS; chat and long-answer files
 (Auto-J, PandaLM, the LLaMA-Factory and OASST files) have most pairs cut at 64: raise
 --config.data.max_length (e.g. 256, at ~4x the cost per step).
 Memory: ~1.2M parameters x (4 B + 8 B Adam) ≈ 15 MiB, plus activations of 32 pairs x 2 x 128 tokens

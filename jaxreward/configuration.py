@@ -37,7 +37,8 @@ def defaults() -> ml_collections.ConfigDict:
   d.truncation = "keep_end"  # keep_end: cut the prompt's start first, never a response's end; drop: skip pair.
   d.packing = True  # Train on sequences packed into rows (segment-masked): far less padding than buckets.
   # Packed row width in tokens; 0 = max_length. When sequences often come close to max_length, rows of 2-4x
-  # max_length waste less at their ends (ETHICS at max_length 32, batch 8: 22.6% padding -> 15.8% at 64).
+  # max_length waste less at their ends (ETHICS, small's BPE tokenizer, max_length 32, batch 8, 2 buckets:
+  # 22.6% padding with rows of 32 -> 15.8% with rows of 64).
   d.pack_length = 0
   d.num_buckets = 8  # Padded shapes: lengths max_length·k/num_buckets (rounded to 8), or packed row counts.
   d.sort_window = 32  # Without packing: batches per window sorted by length before batching (1 = no sorting).

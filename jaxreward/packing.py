@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxreward import pipeline
 from jaxreward.configuration import ConfigError
 
 KEYS = ("tokens_GxRxL", "positions_GxRxL", "segments_GxRxL", "ends_GxBxP", "weight_GxB", "margin_GxB")
@@ -68,7 +69,7 @@ class PackedLayout:
     return self.row_buckets
 
   def padded_rows(self, rows: int) -> int:
-    return next(b for b in self.row_buckets if b >= rows)
+    return pipeline.smallest_fitting(self.row_buckets, rows)
 
   def slots(self, enc, indices) -> int:
     """Token slots the batch occupies once packed (its real tokens plus padding)."""

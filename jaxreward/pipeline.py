@@ -154,11 +154,16 @@ def bucket_lengths(max_length: int, num_buckets: int) -> list[int]:
                 {max_length})
 
 
+def smallest_fitting(buckets, size: int) -> int:
+  """The smallest of the sorted `buckets` that holds `size` (a padded length or a row count)."""
+  return next(b for b in buckets if b >= size)
+
+
 def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int) -> dict:
   lengths_BxP = np.zeros((len(indices), 2), np.int32)
   for row, i in enumerate(indices):
     lengths_BxP[row] = [len(enc.ids[i][0]), len(enc.ids[i][1])]
-  padded = next(b for b in buckets if b >= lengths_BxP.max())
+  padded = smallest_fitting(buckets, lengths_BxP.max())
   tokens_BxPxL = np.full((len(indices), 2, padded), pad_id, np.int32)
   for row, i in enumerate(indices):
     for p in range(2):
@@ -178,7 +183,7 @@ class BucketedLayout:
 
   def slots(self, enc: Encoded, indices: np.ndarray) -> int:
     longest = max(max(len(enc.ids[i][0]), len(enc.ids[i][1])) for i in indices)
-    return next(b for b in self.buckets if b >= longest) * len(indices) * 2
+    return smallest_fitting(self.buckets, longest) * len(indices) * 2
 
 
 class TrainPlan:

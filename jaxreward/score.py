@@ -117,8 +117,8 @@ class Scorer:
     pad_id = self.tokenizer.pad_token_id
     for start in range(0, len(order), rows_max):
       chunk = order[start:start + rows_max]
-      rows = next(b for b in ROW_BUCKETS if b >= len(chunk))
-      width = next(b for b in self.buckets if b >= lengths[chunk].max())
+      rows = pipeline.smallest_fitting(ROW_BUCKETS, len(chunk))
+      width = pipeline.smallest_fitting(self.buckets, lengths[chunk].max())
       tokens_BxL = np.full((rows, width), pad_id, np.int32)
       # Filler rows hold one pad token; their rewards are computed and thrown away.
       lengths_B = np.ones(rows, np.int32)

@@ -15,7 +15,8 @@ import tqdm
 from flax import nnx
 
 from jaxreward import analysis, checkpoint, configuration, corpus, evaluate, gate, loss, memory, model as model_lib
-from jaxreward import optimizer, packing, pipeline, preemption, report, sharding, tensorboard, tokenizer as tokenizer_lib
+from jaxreward import optimizer, packing, pipeline, preemption, report, sharding, tensorboard
+from jaxreward import tokenizer as tokenizer_lib
 
 
 class NonFiniteLoss(RuntimeError):
