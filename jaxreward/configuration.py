@@ -107,10 +107,15 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.distributed = ds = ml_collections.ConfigDict()
   # Multi-host runs: every host runs the same command; jax.distributed.initialize joins them.
-  ds.initialize = "auto"  # auto: on TPU pods / SLURM / when coordinator_address is set; yes; no.
+  # auto: when coordinator_address is set or a GKE TPU slice / SLURM / Open MPI launched several processes;
+  # yes (launch/tpu_vm.sh passes it: Cloud TPU VMs are found from their metadata); no.
+  ds.initialize = "auto"
   ds.coordinator_address = ""  # "host:port" of process 0; "" lets JAX detect it (TPU VMs, SLURM).
   ds.num_processes = 0  # Total processes; 0 = detect.
   ds.process_id = -1  # This process's index; -1 = detect.
+  # A process silent this long (killed, host down) stops every other process with an error, instead of a hang.
+  ds.heartbeat_timeout_s = 100
+  ds.initialization_timeout_s = 300  # How long each process waits for all others to join at start-up.
 
   c.gate = g = ml_collections.ConfigDict()
   g.min_train_accuracy = 0.70  # Best checkpoint's accuracy on the fixed training sample.
@@ -138,7 +143,8 @@ _CHOICES = {
 _POSITIVE = [("data", "max_length"), ("data", "num_buckets"), ("data", "sort_window"), ("data", "vocab_size"),
              ("model", "hidden_size"), ("model", "num_layers"), ("model", "num_heads"), ("model", "num_kv_heads"),
              ("model", "mlp_dim"), ("train", "batch_size"), ("train", "eval_every"), ("train", "log_every"),
-             ("train", "eval_batch_size"), ("train", "keep_best"), ("train", "grad_accum_steps"), ("train", "learning_rate")]
+             ("train", "eval_batch_size"), ("train", "keep_best"), ("train", "grad_accum_steps"), ("train", "learning_rate"),
+             ("distributed", "heartbeat_timeout_s"), ("distributed", "initialization_timeout_s")]
 _SECTIONS = ("data", "model", "train", "mesh", "distributed", "gate")
 
 

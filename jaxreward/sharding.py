@@ -80,20 +80,53 @@ def check_annotated(abstract_state) -> None:
       raise ValueError(f"parameter {name} {tuple(shape)} has no logical axis names; annotate it in model.py")
 
 
+def detected_cluster() -> str | None:
+  """The multi-host launcher this process was started by, if its environment says so; else None.
+
+  Cloud TPU VMs set no variable for it (JAX reads the VM's metadata): launch/tpu_vm.sh passes
+  distributed.initialize=yes instead.
+  """
+  env = os.environ
+
+  def count(name):
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else 1
+
+  if "," in env.get("TPU_PROCESS_ADDRESSES", "") or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return "GKE TPU slice"
+  if count("SLURM_NTASKS") > 1:
+    return "SLURM"
+  if count("OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  return None
+
+
 def initialize_processes(dist_cfg) -> None:
-  """Joins a multi-host job before any device is touched; a no-op for single-process runs."""
-  on_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or "SLURM_NTASKS" in os.environ
-  wanted = dist_cfg.initialize == "yes" or (dist_cfg.initialize == "auto" and (dist_cfg.coordinator_address or on_pod))
-  if not wanted:
+  """Joins a multi-host job before any device is touched; a no-op for single-process runs.
+
+  The coordination service that this starts is what keeps a pod from hanging: a process that dies (kill -9, a
+  crashed host) stops sending heartbeats, and after `heartbeat_timeout_s` every other process is stopped with
+  an error instead of waiting in a collective forever. It also runs JAX's preemption service (preemption.py).
+  """
+  wanted = dist_cfg.initialize == "yes" or (
+      dist_cfg.initialize == "auto" and bool(dist_cfg.coordinator_address or detected_cluster()))
+  if not wanted or jax.distributed.is_initialized():
     return
-  kwargs = {}
+  kwargs = {"initialization_timeout": int(dist_cfg.initialization_timeout_s),
+            "heartbeat_timeout_seconds": int(dist_cfg.heartbeat_timeout_s)}
   if dist_cfg.coordinator_address:
     kwargs["coordinator_address"] = dist_cfg.coordinator_address
   if dist_cfg.num_processes:
     kwargs["num_processes"] = dist_cfg.num_processes
   if dist_cfg.process_id >= 0:
     kwargs["process_id"] = dist_cfg.process_id
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:  # No coordinator found or reached in time, or nothing to detect.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"distributed: could not join the multi-host job ({first}); check distributed.* "
+                      f"(coordinator {dist_cfg.coordinator_address or 'detected'}, "
+                      f"initialization_timeout_s={dist_cfg.initialization_timeout_s})") from e
 
 
 def describe(mesh) -> str:

@@ -281,8 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       consume(*pending)
     pending = (step, metrics)
     at_eval = step % t.eval_every == 0 or step == num_steps
-    # Across hosts the signal check is a collective: do it at log cadence, not every step.
-    signalled = (nproc == 1 or step % t.log_every == 0) and stop.requested()
+    # Across hosts the signal check is a collective: gather at log cadence, not every step.
+    signalled = stop.requested(step, gather=step % t.log_every == 0)
     stopping = step < num_steps and (signalled or step - start_step == t.max_steps_per_run)
     if at_eval or stopping:
       consume(*pending)  # Never checkpoint a state whose loss was not checked.

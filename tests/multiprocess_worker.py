@@ -1,9 +1,10 @@
-"""One process of the two-process test (tests/test_multiprocess.py); also the single-process reference run.
+"""One process of the multi-process tests (tests/test_multiprocess.py); also the single-process reference run.
 
   python tests/multiprocess_worker.py WORKDIR PROCESS_ID PORT   # joins a 2-process job, one CPU device each
   python tests/multiprocess_worker.py WORKDIR single            # 1 process; XLA_FLAGS gives it 2 devices
 
-Prints the run's summary as one JSON line on stdout.
+Config overrides come as JSON in $WORKER_OVERRIDES ({"train.num_steps": 60, ...}). Prints the run's summary as
+one JSON line on stdout; a preempted run prints {"stopped_at": STEP, ...} and exits 4 like the CLI.
 """
 
 import json
@@ -20,6 +21,9 @@ from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
 def main(workdir, mode, port=None):
   config = load_config("tiny")
   config.mesh.data = -1  # Two devices either way: two processes x 1, or one process x 2.
+  for dotted, value in json.loads(os.environ.get("WORKER_OVERRIDES", "{}")).items():
+    section, key = dotted.split(".")
+    config[section][key] = value
   if mode != "single":
     # One device per process: with several, back-to-back gloo collectives can deadlock.
     jax.config.update("jax_num_cpu_devices", 1)
@@ -30,9 +34,12 @@ def main(workdir, mode, port=None):
   from jaxreward import sharding, train  # pylint: disable=g-import-not-at-top
   sharding.initialize_processes(config.distributed)
   summary = train.train_and_evaluate(config, workdir)
-  print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                    "devices": jax.device_count(), **{k: summary[k] for k in ("val_accuracy", "val_loss",
-                                                                              "train_loss", "mesh")}}), flush=True)
+  head = {"process_index": jax.process_index(), "process_count": jax.process_count(), "devices": jax.device_count()}
+  if summary.get("preempted"):
+    print(json.dumps({**head, "stopped_at": summary["stopped_at"]}), flush=True)
+    sys.exit(4)
+  print(json.dumps({**head, **{k: summary[k] for k in ("val_accuracy", "val_loss", "train_loss", "mesh")}}),
+        flush=True)
 
 
 if __name__ == "__main__":

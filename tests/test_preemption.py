@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jaxreward import configuration
+from jaxreward import configuration, preemption
 from tests.conftest import ROOT
 
 ARGS = ["--config.mesh.data=1", "--config.train.num_steps=40", "--config.train.eval_every=15",
@@ -85,3 +85,16 @@ def test_kill_9_then_rerun_matches_uninterrupted(reference, tmp_path, kill_at_st
   resumed = metrics(tmp_path)
   for key in COMPARED:
     assert resumed[key] == reference[key], key
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_ask_for_a_stop_between_steps(sig):
+  # SIGHUP: a dropped ssh session or closed terminal must checkpoint like a preemption, not kill the run.
+  stop = preemption.StopSignal()
+  try:
+    assert not stop.requested(1)
+    os.kill(os.getpid(), sig)
+    assert stop.requested(2, gather=False)
+  finally:
+    stop.restore()
+  assert signal.getsignal(sig) is not stop._handle  # pylint: disable=protected-access

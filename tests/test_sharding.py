@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreward import model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer, train
+from jaxreward import configuration, model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer, train
 from tests.conftest import load_config
 
 
@@ -83,3 +83,27 @@ def test_packed_training_equals_bucketed_training():
   np.testing.assert_allclose(packed, bucketed, atol=1e-5)
   for a, b in zip(jax.tree.leaves(params_b), jax.tree.leaves(params_p)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),  # A single-host slice: nothing to join.
+    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, "GKE TPU slice"),
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, "GKE TPU slice"),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"SLURM_NTASKS": "4"}, "SLURM"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+])
+def test_detected_cluster_joins_only_multi_process_launches(monkeypatch, env, expected):
+  for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert sharding.detected_cluster() == expected
+
+
+def test_initialize_with_nothing_to_join_is_one_config_error():
+  config = load_config("tiny")
+  config.distributed.initialize = "yes"  # No coordinator given and no cluster to detect it from.
+  with pytest.raises(configuration.ConfigError, match="could not join the multi-host job"):
+    sharding.initialize_processes(config.distributed)
