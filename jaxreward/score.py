@@ -128,6 +128,16 @@ class Scorer:
       out[chunk] = self.backend(tokens_BxL, lengths_B)[:len(chunk)]
     return out
 
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (rows, length) batch shape score_ids can hand the backend."""
+    return [(rows, width) for rows in ROW_BUCKETS for width in self.buckets]
+
+  def warmup(self) -> int:
+    """Runs every shape once, so a server compiles before its first request and never while serving."""
+    for rows, width in self.shapes():
+      self.backend(np.full((rows, width), self.tokenizer.pad_token_id, np.int32), np.ones(rows, np.int32))
+    return len(self.shapes())
+
   def normalize(self, r: np.ndarray) -> np.ndarray:
     if self.mean is None or self.std is None:
       raise ConfigError(f"{self.description}: no saved reward mean/std to normalise with")
