@@ -246,7 +246,8 @@ class Service:
             "requests": {k: v for k, v in self.counts.items() if k.startswith("/")},
             "rows": self.counts["rows"], "errors_4xx": self.counts["4xx"], "errors_5xx": self.counts["5xx"],
             "batches": self.batcher.batches, "rows_per_batch": round(self.batcher.rows / max(self.batcher.batches, 1), 2),
-            "compiled_shapes": len(s.shapes()), "recompiles": recompiles,
+            "compiled_shapes": len(s.shapes()), "compiles_before_serving": self.compiles_at_start,
+            "recompiles": recompiles,
             "buckets": {"rows": sorted({r for r, _ in s.shapes()}), "lengths": list(s.buckets)},
             "max_length": s.max_length, "normalize_reward": self.normalize_reward,
             "normalization": {"mean": s.mean, "std": s.std}, "limits": dataclasses.asdict(self.limits)}
@@ -318,6 +319,13 @@ def build_app(service: Service) -> fastapi.FastAPI:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def make_server(service: Service, host: str, port: int, drain_timeout: float | None = None,
+                log_level: str = "warning") -> uvicorn.Server:
+  """`.run()` serves until SIGTERM/SIGINT (or `.should_exit = True` from another thread), then drains."""
+  return uvicorn.Server(uvicorn.Config(build_app(service), host=host, port=port, log_level=log_level,
+                                       timeout_graceful_shutdown=drain_timeout))
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m jaxreward.serve", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="a jaxreward work dir or an exported HF folder")
@@ -362,9 +370,8 @@ def main(argv=None) -> int:
     return configuration.EXIT_BAD_INPUT
   shapes = scorer.warmup()
   limits = Limits(args.max_body_bytes, args.max_rows, args.max_chars)
-  service = Service(scorer, limits, args.normalize_reward, args.batch_rows, args.batch_wait_ms / 1000, compiles)
-  server = uvicorn.Server(uvicorn.Config(build_app(service), host=args.host, port=args.port,
-                                         log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout))
+  server = make_server(Service(scorer, limits, args.normalize_reward, args.batch_rows, args.batch_wait_ms / 1000,
+                               compiles), args.host, args.port, args.drain_timeout, args.log_level)
   print(f"serving {scorer.description} on http://{args.host}:{args.port} ({shapes} shapes compiled; "
         "POST /get_reward, POST /score, GET /health)", file=sys.stderr, flush=True)
   # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: make that a no-op,

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -20,7 +21,6 @@ from conftest import ROOT, load_config
 from jaxreward import corpus, serve
 
 START_TIMEOUT_S = 300  # Loading and compiling every shape; slow when other jobs share the 2 cores.
-LIMITS = ["--max_rows", "32", "--max_chars", "2000", "--max_body_bytes", "65536"]
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,27 @@ def stop(proc):
 
 @pytest.fixture(scope="module")
 def server(run):
-  proc, url = start_server(run["workdir"], "--normalize_reward", *LIMITS)
-  with httpx.Client(base_url=url, timeout=120) as client:
+  """The app on uvicorn in a thread of this process, over the reference scorer (the CLI: the SIGTERM test)."""
+  scorer = run["scorer"]
+  compiles = serve.CompileCounter()
+  scorer.warmup()
+  limits = serve.Limits(max_body_bytes=65536, max_rows=32, max_chars=2000)
+  service = serve.Service(scorer, limits, normalize_reward=True, batch_rows=64, batch_wait_s=0.005,
+                          compiles=compiles)
+  port = free_port()
+  uv = serve.make_server(service, "127.0.0.1", port)
+  thread = threading.Thread(target=uv.run)
+  thread.start()
+  deadline = time.time() + 60
+  while not uv.started and thread.is_alive() and time.time() < deadline:
+    time.sleep(0.05)
+  assert uv.started, "server did not start"
+  with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
     yield client
-  stop(proc)
+  uv.should_exit = True
+  thread.join(60)
+  compiles.close()
+  assert not thread.is_alive()
 
 
 def rows_of(pairs):
@@ -269,24 +286,23 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 def test_reward_fn_text_and_conversational(run):
   import jaxreward  # pylint: disable=g-import-not-at-top
   scorer = run["scorer"]
-  fn = jaxreward.reward_fn(run["workdir"])
+  fn = jaxreward.reward_fn(run["workdir"], normalized=True)
   assert fn.__name__ == "jaxreward_run"
   prompts, completions = rows_of(run["pairs"][:6])
   # TRL passes completion ids, the trainer state and every dataset column as keyword arguments.
   got = fn(prompts=prompts, completions=completions, completion_ids=[[1, 2]] * 6, trainer_state=None,
            category=["x"] * 6)
   assert isinstance(got, list) and all(isinstance(x, float) for x in got)
-  np.testing.assert_allclose(got, scorer(prompts, completions), atol=1e-5)
+  np.testing.assert_allclose(got, scorer(prompts, completions, normalized=True), atol=1e-5)
   # Conversational: prompts are message lists, each completion a list holding one assistant message.
   chat_prompts, chat_completions = chat_rows(run["pairs"][:6])
-  np.testing.assert_allclose(fn(chat_prompts, chat_completions), scorer(chat_prompts, chat_completions), atol=1e-5)
+  np.testing.assert_allclose(fn(chat_prompts, chat_completions),
+                             scorer(chat_prompts, chat_completions, normalized=True), atol=1e-5)
   with pytest.raises(ValueError, match="6 prompts but 5 completions"):
     fn(prompts, completions[:5])
   if importlib.util.find_spec("trl"):  # TRL names the reward column in its logs after this.
     from trl.trainer import utils as trl_utils  # pylint: disable=g-import-not-at-top
     assert trl_utils.get_callable_name(fn) == "jaxreward_run"
-  normalized = pickle.loads(pickle.dumps(jaxreward.reward_fn(run["workdir"], normalized=True, name="rm")))
-  assert normalized.__name__ == "rm"
-  np.testing.assert_allclose(normalized(prompts, completions), scorer(prompts, completions, normalized=True),
-                             atol=1e-5)
-
+  # Pickled as its arguments: unpickling loads the model again, as the constructor call above did.
+  assert len(pickle.dumps(fn)) < 1000
+  assert pickle.loads(pickle.dumps(fn.__reduce__())) == (type(fn), (run["workdir"], "best", True, None, None))
