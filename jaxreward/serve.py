@@ -2,19 +2,15 @@
 
   python -m jaxreward.serve --model RUN_OR_HF_DIR [--port 5000] [--host 127.0.0.1] [--normalize_reward]
 
-  POST /get_reward  OpenRLHF's remote reward-model protocol, unchanged (`--remote_rm_url http://HOST:5000/get_reward`):
+  POST /get_reward  OpenRLHF's remote reward-model protocol, unchanged (`--remote_rm_url http://HOST:PORT/get_reward`):
                     {"query": [text, ...], "prompts": [text, ...] (optional), ...} -> {"rewards": [float, ...]}
   POST /score       {"rows": [{"prompt": P, "response": R}, ...]}, P and R text or lists of {role, content}
                     messages -> {"rewards": [...], "rewards_normalized": [...] or null}
   GET  /health      model, counts (requests, rows, batches, errors), compiled shapes and recompiles since startup
 
-/get_reward: OpenRLHF sends each query as the policy's decoded prompt + response, possibly with pad tokens at
-either end and EOS at the end. The pad and EOS texts of the reward model's tokenizer are stripped from the ends
-(and a leading BOS text that tokenization adds back). When `prompts[i]` is given and the query starts with it,
-the row is scored exactly as training scores a text pair: prompt and response tokenized separately, EOS
-appended. Otherwise the whole query is one text with an empty prompt: the same characters, but a BPE merge
-across the prompt/response boundary can differ from training by a token. Rewards are raw, or normalised with
-the validation mean/std saved at training with --normalize_reward (OpenRLHF's flag of the same name).
+/get_reward scores each query as prompt + response split at `prompts[i]` (protocol.py says exactly how);
+its rewards are raw, or normalised with the validation mean/std saved at training under --normalize_reward
+(OpenRLHF's flag of the same name). /score always returns both.
 
 Requests are encoded on request threads and scored by one worker thread that gathers concurrent requests
 for up to --batch_wait_ms into batches of the scorer's fixed (rows, length) shapes; every shape is compiled
@@ -30,7 +26,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import signal
 import sys
 import threading
@@ -45,18 +40,9 @@ from starlette.exceptions import HTTPException
 import uvicorn
 
 from jaxreward import batcher as batcher_lib
-from jaxreward import configuration, pipeline
-from jaxreward import load_scorer
+from jaxreward import configuration, load_scorer
 from jaxreward.configuration import ConfigError
-
-ROLE_CONTENT = "a non-empty list of {\"role\", \"content\"} messages"
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-  max_body_bytes: int = 32 << 20
-  max_rows: int = 1024  # Rows per request.
-  max_chars: int = 200_000  # Characters per row (prompt + response); longer rows are refused, not truncated.
+from jaxreward.protocol import BadRequest, Limits, QuerySplitter, parse_get_reward, parse_json, parse_score
 
 
 class CompileCounter:
@@ -75,131 +61,6 @@ class CompileCounter:
 
   def close(self) -> None:
     jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Request bodies: one clear line for each way a body can be wrong
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _bad(where: str, what: str) -> HTTPException:
-  return HTTPException(422, f"{where}: {what}")
-
-
-def _type_name(value) -> str:
-  if value is None:
-    return "null"
-  if isinstance(value, bool):
-    return "boolean"
-  return {str: "string", int: "number", float: "number", list: "array", dict: "object"}.get(type(value), "value")
-
-
-def _text(value, where: str) -> str:
-  if not isinstance(value, str):
-    raise _bad(where, f"expected a string, got {_type_name(value)}")
-  try:
-    value.encode("utf-8")
-  except UnicodeEncodeError:
-    raise _bad(where, "holds an unpaired surrogate escape") from None
-  return value
-
-
-def _side(value, where: str):
-  """Text, or a non-empty list of {role, content} messages (other message keys are dropped)."""
-  if isinstance(value, str):
-    return _text(value, where)
-  if not isinstance(value, list) or not value:
-    raise _bad(where, f"expected a string or {ROLE_CONTENT}, got "
-               f"{'an empty array' if value == [] else _type_name(value)}")
-  messages = []
-  for i, m in enumerate(value):
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
-      raise _bad(f"{where}[{i}]", "expected an object with \"role\" and \"content\"")
-    messages.append({"role": _text(m["role"], f"{where}[{i}].role"),
-                     "content": _text(m["content"], f"{where}[{i}].content")})
-  return messages
-
-
-def _list(body: dict, key: str, limits: Limits, required: bool = True) -> list | None:
-  value = body.get(key)
-  if value is None and not required:
-    return None
-  if key not in body:
-    raise _bad("body", f"missing key {key!r}")
-  if not isinstance(value, list):
-    raise _bad(key, f"expected an array, got {_type_name(value)}")
-  if not value:
-    raise _bad(key, "is an empty array")
-  if len(value) > limits.max_rows:
-    raise HTTPException(413, f"{key}: {len(value)} rows; at most {limits.max_rows} per request (--max_rows)")
-  return value
-
-
-def _chars(side) -> int:
-  return len(side) if isinstance(side, str) else sum(len(m["content"]) for m in side)
-
-
-def _check_chars(where: str, n: int, limits: Limits) -> None:
-  if n > limits.max_chars:
-    raise HTTPException(413, f"{where}: {n} characters; at most {limits.max_chars} per row (--max_chars)")
-
-
-def parse_score(body, limits: Limits) -> tuple[list, list]:
-  """/score body -> (prompts, responses)."""
-  if not isinstance(body, dict):
-    raise _bad("body", f"expected a JSON object with \"rows\", got {_type_name(body)}")
-  prompts, responses = [], []
-  for i, row in enumerate(_list(body, "rows", limits)):
-    if not isinstance(row, dict) or "prompt" not in row or "response" not in row:
-      raise _bad(f"rows[{i}]", "expected an object with \"prompt\" and \"response\"")
-    prompts.append(_side(row["prompt"], f"rows[{i}].prompt"))
-    responses.append(_side(row["response"], f"rows[{i}].response"))
-    _check_chars(f"rows[{i}]", _chars(prompts[-1]) + _chars(responses[-1]), limits)
-  return prompts, responses
-
-
-def parse_get_reward(body, limits: Limits) -> tuple[list, list | None]:
-  """/get_reward body -> (queries, prompts or None); other keys (labels, ...) are OpenRLHF's and ignored."""
-  if not isinstance(body, dict):
-    raise _bad("body", f"expected a JSON object with \"query\", got {_type_name(body)}")
-  queries = [_text(q, f"query[{i}]") for i, q in enumerate(_list(body, "query", limits))]
-  prompts = _list(body, "prompts", limits, required=False)
-  if prompts is not None:
-    prompts = [_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-    if len(prompts) != len(queries):
-      raise _bad("prompts", f"{len(prompts)} prompts for {len(queries)} queries")
-  for i, q in enumerate(queries):
-    _check_chars(f"query[{i}]", len(q), limits)
-  return queries, prompts
-
-
-class QuerySplitter:
-  """OpenRLHF's decoded sequences -> (prompt, response) as training encodes them (see the module docstring)."""
-
-  def __init__(self, tok):
-    self.pad, self.eos = tok.pad_token or "", tok.eos_token or ""
-    self.leading = tok.decode(pipeline.leading_special_ids(tok))
-
-  def _clean(self, text: str, tail: bool) -> str:
-    while self.pad and text.startswith(self.pad):
-      text = text[len(self.pad):]
-    if self.leading and text.startswith(self.leading):
-      text = text[len(self.leading):]  # Tokenizing a text prompt adds it back.
-    while tail:
-      before = text
-      for token in (self.pad, self.eos):
-        if token and text.endswith(token):
-          text = text[:-len(token)]
-      tail = text != before
-    return text
-
-  def __call__(self, query: str, prompt: str | None) -> tuple[str, str]:
-    query = self._clean(query, tail=True)
-    if prompt is not None:
-      prompt = self._clean(prompt, tail=False)
-      if prompt and query.startswith(prompt):
-        return prompt, query[len(prompt):]
-    return "", query
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +88,7 @@ class Service:
       try:
         return self.scorer.encode(prompts, responses)
       except ConfigError as e:  # A chat template that rejects the request's roles.
-        raise HTTPException(422, str(e)) from None
+        raise BadRequest(422, str(e)) from None
 
   async def rewards(self, prompts, responses) -> np.ndarray:
     ids = await run_in_threadpool(self._encode, prompts, responses)
@@ -245,7 +106,8 @@ class Service:
     return {"status": "ok", "model": s.description, "uptime_s": round(time.time() - self.started, 3),
             "requests": {k: v for k, v in self.counts.items() if k.startswith("/")},
             "rows": self.counts["rows"], "errors_4xx": self.counts["4xx"], "errors_5xx": self.counts["5xx"],
-            "batches": self.batcher.batches, "rows_per_batch": round(self.batcher.rows / max(self.batcher.batches, 1), 2),
+            "batches": self.batcher.batches,
+            "rows_per_batch": round(self.batcher.rows / max(self.batcher.batches, 1), 2),
             "compiled_shapes": len(s.shapes()), "compiles_before_serving": self.compiles_at_start,
             "recompiles": recompiles,
             "buckets": {"rows": sorted({r for r, _ in s.shapes()}), "lengths": list(s.buckets)},
@@ -256,19 +118,14 @@ class Service:
 async def _read_json(request: fastapi.Request, limits: Limits):
   declared = request.headers.get("content-length", "")
   if declared.isdigit() and int(declared) > limits.max_body_bytes:
-    raise HTTPException(413, f"body of {declared} bytes; at most {limits.max_body_bytes} (--max_body_bytes)")
+    raise BadRequest(413, f"body of {declared} bytes; at most {limits.max_body_bytes} (--max_body_bytes)")
   chunks, size = [], 0
-  async for chunk in request.stream():
+  async for chunk in request.stream():  # A chunked body has no length to check up front.
     size += len(chunk)
     if size > limits.max_body_bytes:
-      raise HTTPException(413, f"body over {limits.max_body_bytes} bytes (--max_body_bytes)")
+      raise BadRequest(413, f"body over {limits.max_body_bytes} bytes (--max_body_bytes)")
     chunks.append(chunk)
-  try:
-    return json.loads(b"".join(chunks))
-  except json.JSONDecodeError as e:
-    raise HTTPException(400, f"body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-  except UnicodeDecodeError:
-    raise HTTPException(400, "body is not UTF-8 JSON") from None
+  return parse_json(b"".join(chunks))
 
 
 def build_app(service: Service) -> fastapi.FastAPI:
@@ -281,15 +138,21 @@ def build_app(service: Service) -> fastapi.FastAPI:
   app = fastapi.FastAPI(title="jaxreward reward server", lifespan=lifespan)
   limits = service.limits
 
-  @app.exception_handler(HTTPException)
+  def error(status: int, message: str) -> JSONResponse:
+    service.counts["4xx" if status < 500 else "5xx"] += 1
+    return JSONResponse({"error": message}, status_code=status)
+
+  @app.exception_handler(BadRequest)
+  async def bad_request(request, e: BadRequest):
+    return error(e.status, str(e))
+
+  @app.exception_handler(HTTPException)  # Starlette's own: unknown path 404, wrong method 405.
   async def http_error(request, e: HTTPException):
-    service.counts["4xx" if e.status_code < 500 else "5xx"] += 1
-    return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+    return error(e.status_code, str(e.detail))
 
   @app.exception_handler(Exception)
   async def crash(request, e: Exception):
-    service.counts["5xx"] += 1
-    return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+    return error(500, f"internal error: {type(e).__name__}: {e}")
 
   @app.post("/get_reward")
   async def get_reward(request: fastapi.Request):
@@ -374,9 +237,10 @@ def main(argv=None) -> int:
                                compiles), args.host, args.port, args.drain_timeout, args.log_level)
   print(f"serving {scorer.description} on http://{args.host}:{args.port} ({shapes} shapes compiled; "
         "POST /get_reward, POST /score, GET /health)", file=sys.stderr, flush=True)
-  # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: make that a no-op,
-  # so a drained server exits 0 rather than dying of the re-raised signal.
-  signal.signal(signal.SIGTERM, lambda *_: None)
+  # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handler it found: make that a
+  # no-op, so a drained server exits 0 rather than dying of the re-raised signal.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: None)
   server.run()
   return configuration.EXIT_OK if server.started else configuration.EXIT_CRASH
 

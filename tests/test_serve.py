@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, load_config
 
-from jaxreward import corpus, serve
+from jaxreward import corpus, protocol, serve
 
 START_TIMEOUT_S = 300  # Loading and compiling every shape; slow when other jobs share the 2 cores.
 
@@ -78,7 +78,7 @@ def server(run):
   scorer = run["scorer"]
   compiles = serve.CompileCounter()
   scorer.warmup()
-  limits = serve.Limits(max_body_bytes=65536, max_rows=32, max_chars=2000)
+  limits = protocol.Limits(max_body_bytes=65536, max_rows=32, max_chars=2000)
   service = serve.Service(scorer, limits, normalize_reward=True, batch_rows=64, batch_wait_s=0.005,
                           compiles=compiles)
   port = free_port()
@@ -142,7 +142,7 @@ def test_get_reward_is_openrlhf_protocol(run, server):
 
 def test_query_splitter(run):
   tok = run["scorer"].tokenizer
-  split = serve.QuerySplitter(tok)
+  split = protocol.QuerySplitter(tok)
   pad, eos = tok.pad_token, tok.eos_token
   assert split(pad * 2 + "Q: 1?" + " A" + eos + pad * 3, "Q: 1?") == ("Q: 1?", " A")
   assert split("Q: 1? A" + eos + eos, "Q: 2?") == ("", "Q: 1? A")  # Not its prompt: the whole text.
