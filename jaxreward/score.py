@@ -26,6 +26,7 @@ calls reuse a handful of compiled programs instead of compiling one per call.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from jaxreward import configuration, data, pipeline
 from jaxreward.configuration import ConfigError
 
 ROW_BUCKETS = (4, 16, 64)  # Rows per compiled batch: a call of 3 sequences does not pay for 64.
+CALL_COST = 4  # A batch's fixed cost (dispatch, tokens to device), in rows: row_plan's trade-off.
 HF_NUM_BUCKETS = 4
 
 
@@ -113,11 +115,11 @@ class Scorer:
       return out
     lengths = np.array([len(x) for x in ids], np.int32)
     order = np.argsort(lengths, kind="stable")
-    rows_max = ROW_BUCKETS[-1]
     pad_id = self.tokenizer.pad_token_id
-    for start in range(0, len(order), rows_max):
-      chunk = order[start:start + rows_max]
-      rows = pipeline.smallest_fitting(ROW_BUCKETS, len(chunk))
+    start = 0
+    for rows in row_plan(len(order)):
+      chunk = order[start:start + rows]
+      start += len(chunk)
       width = pipeline.smallest_fitting(self.buckets, lengths[chunk].max())
       tokens_BxL = np.full((rows, width), pad_id, np.int32)
       # Filler rows hold one pad token; their rewards are computed and thrown away.
@@ -146,6 +148,21 @@ class Scorer:
   def __call__(self, prompts, responses, normalized: bool = False) -> np.ndarray:
     r = self.score_ids(self.encode(list(prompts), list(responses)))
     return self.normalize(r) if normalized else r
+
+
+def row_plan(n: int) -> list[int]:
+  """Rows of the batches that score n sequences: ROW_BUCKETS sizes covering n at the least cost, a filler row
+  costing 1 and a call CALL_COST (30 rows: 16 + 16, not one 64-row batch of which 34 rows are filler)."""
+  full, rest = divmod(n, ROW_BUCKETS[-1])
+  return [ROW_BUCKETS[-1]] * full + list(_plan_under_max(rest))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_under_max(n: int) -> tuple[int, ...]:
+  if n <= 0:
+    return ()
+  plans = [(b,) if b >= n else (b,) + _plan_under_max(n - b) for b in ROW_BUCKETS]
+  return min(plans, key=lambda plan: (sum(plan) + CALL_COST * len(plan), len(plan)))
 
 
 def _as_sides(prompt, response):

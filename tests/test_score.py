@@ -223,3 +223,12 @@ def test_cli_error_in_a_fresh_process_has_no_traceback(tmp_path):
                          str(tmp_path / "d.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_row_plan_covers_rows_with_little_filler():
+  for n in range(0, 300):
+    plan = score.row_plan(n)
+    assert all(rows in score.ROW_BUCKETS for rows in plan)
+    # Every row is scored, and dropping any batch would leave rows unscored.
+    assert sum(plan) >= n and all(sum(plan) - rows < n for rows in plan), (n, plan)
+  assert score.row_plan(30) == [16, 16] and score.row_plan(5) == [4, 4] and score.row_plan(64) == [64]

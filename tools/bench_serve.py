@@ -15,7 +15,9 @@ down), with --clients threads each sending requests of --rows queries (synthetic
 back for --seconds. Reported: requests/s, rewards/s, p50/p99 latency, recompiles during the timed window
 (jaxreward's /health; torch compiles nothing), and jaxreward/openrlhf ratios. The two sides' rewards on the same
 queries are compared first (they must agree: same weights). Check `uptime` first: on a loaded machine the
-figures are noise; name the CPU (`lscpu`) with any figure.
+figures are noise; name the CPU (`lscpu`) with any figure. On a machine shared with other jobs torch's OpenMP
+threads stall (measured at load ~13: 0.9 requests/s with the default threads, 16 with one); run with
+`OMP_NUM_THREADS=1` there (the servers inherit it; XLA's CPU pool does not read it).
 """
 
 from __future__ import annotations
@@ -160,9 +162,14 @@ def main() -> int:
   parser.add_argument("--torch_server", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.max_length is None:
-    with open(os.path.join(args.model, "reward_normalization.json")) as f:
-      args.max_length = int(json.load(f).get("max_length", 2048))
+  if args.max_length is None:  # As load_scorer picks it for an HF folder.
+    saved = {}
+    for name in ("reward_normalization.json", "config.json"):
+      if os.path.isfile(os.path.join(args.model, name)):
+        with open(os.path.join(args.model, name)) as f:
+          saved[name] = json.load(f)
+    args.max_length = int(saved.get("reward_normalization.json", {}).get("max_length") or
+                          saved.get("config.json", {}).get("max_position_embeddings") or 2048)
   if args.torch_server:
     torch_server(args.model, "127.0.0.1", args.port, args.max_length)
     return 0
