@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from jaxreward import load_scorer
+from jaxreward.score import load_scorer
 from jaxreward.configuration import ConfigError
 
 
