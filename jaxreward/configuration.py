@@ -61,7 +61,10 @@ def defaults() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters and Adam state stay param_dtype).
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.remat = False  # Recompute blocks in the backward pass: less activation memory, ~30% more compute.
-  m.attention = "xla"  # xla (any backend) or cudnn (fused flash attention on NVIDIA GPUs, bf16 only).
+  # auto: cudnn on NVIDIA GPUs (bf16, unpacked rows; else xla), splash on TPU, blockwise on CPU. xla: the dense
+  # reference (fp32 [rows, heads, L, L] logits); cudnn: fused, NVIDIA, bf16; splash: Pallas TPU kernel;
+  # blockwise: flash attention in plain JAX (any backend; the CPU choice). See jaxreward/attention.py.
+  m.attention = "auto"
 
   c.train = t = ml_collections.ConfigDict()
   t.seed = 0  # Seeds the split, shuffling and initialisation.
@@ -135,7 +138,7 @@ _CHOICES = {
     ("data", "truncation"): ("keep_end", "drop"),
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
-    ("model", "attention"): ("xla", "cudnn"),
+    ("model", "attention"): ("auto", "xla", "cudnn", "splash", "blockwise"),
     ("train", "schedule"): ("cosine", "linear", "constant"),
     ("train", "nan_policy"): ("stop", "skip"),
     ("distributed", "initialize"): ("auto", "yes", "no"),
