@@ -1,5 +1,9 @@
 """Attention kernels: every implementation equals the dense XLA reference, outputs and gradients."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxreward import attention
+from tests.conftest import ROOT
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_TPU = jax.default_backend() == "tpu"
@@ -149,3 +154,19 @@ def test_auto_on_accelerator_equals_reference():
   with jax.default_matmul_precision("highest"):
     want = reference(*(x.astype(jnp.float32) for x in (q, k, v)), None)
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU memory check")
+def test_long_packed_rows_hold_no_length_squared_buffer():
+  """tools/long_context.py on tiny dims: the default attention's compiled train step has no buffer with two
+  dimensions >= L and trains; the dense reference at the same shape does have them (so the scan can fail)."""
+  tiny = ["--length", "512", "--hidden_size", "32", "--num_layers", "2", "--num_heads", "2", "--num_kv_heads", "1",
+          "--mlp_dim", "64", "--vocab_size", "512", "--steps", "2"]
+  runs = {}
+  for name, extra in (("auto", []), ("xla", ["--compile_only"])):
+    out = subprocess.run([sys.executable, "tools/long_context.py", *tiny, "--attention", name, *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True)
+    runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert runs["auto"]["LxL_buffers"] == [] and runs["xla"]["LxL_buffers"]
+  assert runs["auto"]["temp_MiB"] < runs["xla"]["temp_MiB"]
+  assert all(np.isfinite(runs["auto"]["losses"])) and runs["auto"]["losses"][1] < runs["auto"]["losses"][0]
