@@ -33,10 +33,12 @@ from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 
-# Key/query block of the blockwise path. Profiled on 2 Zen 2 cores (tools/attention_profile.py, fp32, 4 heads
-# of 64, forward + backward): at 2,048 tokens blocks of 256 ran faster than 128 or 512, and rows of up to
-# BLOCK tokens are a single block (the dense computation, with the backward pass written out).
-BLOCK = 256
+# Key/query blocks of the blockwise path, profiled with tools/attention_profile.py (fp32, forward + backward,
+# 2 Zen 2 cores under load, so ±30%): packed rows favour small blocks (finer skipping; 2 x 2,048 tokens, 4 heads
+# of 64: 64 -> 0.58 s, 128 -> 1.09 s, 256 -> 1.13 s; 16 x 256 tokens: 64 -> 88 ms, 128 -> 294 ms, dense xla
+# 508 ms), as do short unpacked rows (16 x 256: 64 -> 184 ms, 128 -> 360 ms, xla 348 ms); long unpacked rows
+# favour 128 (2 x 2,048: 64 -> 1.79 s, 128 -> 1.40 s).
+BLOCK, LONG_UNPACKED_BLOCK, LONG_UNPACKED = 64, 128, 1024
 # Finite stand-in for -inf: a fully masked block row then gives exp(0)·0 terms instead of NaN.
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 
@@ -76,8 +78,10 @@ def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: s
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, block: int = BLOCK):
+def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, block: int | None = None):
   b, l, n, h = q_BxLxNxH.shape
+  if block is None:
+    block = LONG_UNPACKED_BLOCK if segments_BxL is None and l > LONG_UNPACKED else BLOCK
   kv = k_BxLxKxH.shape[2]
   block = min(block, -(-l // 8) * 8)
   padded = -(-l // block) * block

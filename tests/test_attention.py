@@ -170,3 +170,21 @@ def test_long_packed_rows_hold_no_length_squared_buffer():
   assert runs["auto"]["LxL_buffers"] == [] and runs["xla"]["LxL_buffers"]
   assert runs["auto"]["temp_MiB"] < runs["xla"]["temp_MiB"]
   assert all(np.isfinite(runs["auto"]["losses"])) and runs["auto"]["losses"][1] < runs["auto"]["losses"][0]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiny CPU run of the GPU benchmark")
+def test_train_bench_runs_on_a_tiny_shape():
+  """tools/train_bench.py (the GPU check's benchmark) end to end on CPU: every variant reports a step time and
+  MFU; the packed batch has fewer real tokens than slots, the unpacked one none missing; the analytic FLOPs
+  of the dense-attention step stay within XLA's own count (which also counts the masked half of L x L)."""
+  args = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1", "--vocab_size", "256",
+          "--length", "64", "--pairs", "2", "--dtype", "float32", "--packed_median", "12", "--steps", "1",
+          "--warmup", "1", "--variants", "U-xla,P-blockwise"]
+  out = subprocess.run([sys.executable, "tools/train_bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  unpacked, packed = result["variants"]
+  assert "error" not in unpacked and "error" not in packed, out.stdout[-2000:]
+  assert unpacked["real_tokens"] == unpacked["slot_tokens"] and packed["real_tokens"] < packed["slot_tokens"]
+  assert all(r["MFU"] > 0 and r["step_ms"] > 0 and np.isfinite(r["loss_per_pair"]) for r in (unpacked, packed))
+  assert 0.5 * unpacked["xla_TFLOP_per_step"] < unpacked["model_TFLOP_per_step"] <= unpacked["xla_TFLOP_per_step"]

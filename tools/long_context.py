@@ -44,12 +44,12 @@ def largest_buffers(hlo_text: str, length: int):
   return biggest, sorted(square)
 
 
-def packed_batch(length: int, rows: int, vocab: int, seed: int = 0) -> tuple[dict, int]:
-  """As many synthetic pairs as fill `rows` rows of `length` tokens."""
+def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: float = 0.0) -> tuple[dict, int]:
+  """As many synthetic pairs (lognormal lengths, median `median` or length / 12) as fill `rows` rows."""
   rng = np.random.default_rng(seed)
   lengths = []
   while True:
-    pair = np.clip(rng.lognormal(np.log(length / 12), 0.7, size=2), 8, length).astype(int)
+    pair = np.clip(rng.lognormal(np.log(median or length / 12), 0.7, size=2), 8, length).astype(int)
     if packing.first_fit_decreasing(np.concatenate(lengths + [pair]), length)[2] > rows:
       break
     lengths.append(pair)
