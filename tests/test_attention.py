@@ -69,6 +69,7 @@ def test_blockwise_equals_reference(length, block, packed):
   assert_equal_to_reference(fn, q, k, v, segments)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the TPU kernel's interpret-mode numerics are checked on CPU")
 @pytest.mark.parametrize("packed", [False, True])
 def test_splash_equals_reference_in_interpret_mode(packed):
   """Pallas interpret mode on CPU: the TPU kernel's numerics; 150 tokens pad up to two 128-token blocks."""

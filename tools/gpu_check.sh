@@ -7,8 +7,8 @@
 # registry first); the image's own jax (CUDA), flax, optax, orbax, torch and transformers are used as they are.
 # Stages, each capped so that the later ones still run (DEADLINE seconds in all):
 #   0  env.txt         GPU, driver, versions, cuDNN
-#   1  attention.log   tests/test_attention.py: cuDNN (dense-mask packed and unpacked) vs the fp32 reference,
-#                      blockwise and splash (interpret) vs the reference, under JAX_DEFAULT_MATMUL_PRECISION=highest
+#   1  attention.log   tests/test_attention.py: cuDNN (dense-mask packed and unpacked) and 'auto' vs the fp32
+#                      reference, blockwise vs the reference, under JAX_DEFAULT_MATMUL_PRECISION=highest
 #   2  bench.log/json  tools/train_bench.py: d 2048, 4 layers, bf16, rows of 2,048 tokens, unpacked vs packed x
 #                      xla / cudnn / blockwise: step time, real tokens/s, MFU over 989 TFLOP/s, peak memory
 #   3  tests.log       the GPU-relevant tests (model, packing, loss, HF parity, a short training run) at fp32
@@ -16,7 +16,7 @@
 #   4  tests_tf32.log  model + packing + HF export parity at JAX's GPU default (TF32 for fp32 dots): shows which
 #                      fp32 tolerances assume full-precision matmuls
 # The 8-fake-CPU-device sharding tests and tests/test_multiprocess.py stay on CPU (the default backend here is
-# the GPU); the splash kernel's real (non-interpret) run needs a TPU and is not covered here.
+# the GPU), and so do splash's interpret-mode tests; the splash kernel's real run needs a TPU.
 set -uo pipefail
 export OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
@@ -60,7 +60,7 @@ EOF
 } > "$OUT/env.txt" 2>&1
 say "env: $(grep -E '^(devices|jax |cudnn)' "$OUT/env.txt" | tr '\n' ' ')"
 if ! $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
-  say "no GPU backend in jax: stopping"; cat "$SUMMARY"; exit 1
+  say "no GPU backend in jax: stopping"; exit 1
 fi
 PYTEST=($PY -m pytest -v --tb=short -p no:cacheprovider)
 count() { echo "$(grep -c ' PASSED' "$1") passed, $(grep -c ' FAILED' "$1") failed, $(grep -c ' SKIPPED' "$1") skipped"; }
