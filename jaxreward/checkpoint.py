@@ -33,7 +33,10 @@ _OS_REASONS = re.compile(r"No space left on device|File too large|Disk quota exc
 def _one_line(error: BaseException) -> str:
   text = " ".join(f"{type(error).__name__}: {error}".split())
   reason = _OS_REASONS.search(text)
-  return reason.group(0) if reason else text[:400]
+  if reason:
+    return reason.group(0)
+  text = text.split(" See full TensorStore details")[0]  # The rest is the store's whole spec.
+  return text if len(text) <= 300 else text[:300] + "..."
 
 
 class _QuietOrbax(logging.Filter):
