@@ -15,7 +15,7 @@ import tqdm
 from flax import nnx
 
 from jaxreward import analysis, checkpoint, configuration, corpus, evaluate, gate, loss, memory, model as model_lib
-from jaxreward import optimizer, packing, pipeline, preemption, report, rundir, sharding, tensorboard
+from jaxreward import optimizer, packing, pipeline, preemption, preflight, report, rundir, sharding, tensorboard
 from jaxreward import tokenizer as tokenizer_lib
 
 
@@ -178,6 +178,8 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
                                       f"{' x grad_accum_steps' if key == 'batch_size' else ''} = {multiple} "
                                       f"(mesh {sharding.describe(mesh)})")
 
+  if config.model.init_from:
+    preflight.check_init_from(config, log)
   prepared = corpus.prepare(config, log)
   tok = prepared.tokenizer
   if config.model.init_from:
@@ -189,6 +191,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     raise configuration.ConfigError(f"config: the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
                                     f"tokenizer's ({tokenizer_lib.vocab_size(tok)}); token ids would fall outside it")
   config.model.vocab_size = model_cfg.vocab_size  # Recorded in config.json so the work dir rebuilds exactly.
+  preflight.check_memory(config, model_cfg, dict(mesh.shape), log)
   buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
   pid, nproc = jax.process_index(), jax.process_count()
   plan = make_plan(config, prepared.train)
