@@ -142,7 +142,10 @@ class Checkpointer:
       damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
       os.makedirs(damaged, exist_ok=True)
       for step in steps:
-        os.replace(os.path.join(self.directory, str(step)), os.path.join(damaged, f"{step}"))
+        target, n = os.path.join(damaged, str(step)), 1
+        while os.path.exists(target):  # The same step may be damaged again in a later attempt.
+          target, n = os.path.join(damaged, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("checkpoint fallback")

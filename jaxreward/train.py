@@ -263,10 +263,13 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     m = loss.finalize(host) | {k: float(host[k]) for k in ("grad_norm", "learning_rate")}
     if host["skipped"]:
       if t.nan_policy == "stop":
-        ckpt.close()  # Commits a save still in flight before the run ends.
+        ckpt.wait()  # Commits a save still in flight before the run ends.
+        last = ckpt.latest_step()
+        ckpt.close()
         raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
-                            f"the checkpoints in {ckpt.directory} are intact (lower train.learning_rate, or "
-                            "train.nan_policy=skip)")
+                            f"the last checkpoint (step {last}) in {ckpt.directory} is intact: lower "
+                            "train.learning_rate in a new --workdir or continue it with "
+                            "--config.train.resume=force; or set train.nan_policy=skip")
       skipped_steps.append(step)
       log(f"step {step}: non-finite loss or gradient; update skipped ({len(skipped_steps)} so far)")
       bar.update(1)
