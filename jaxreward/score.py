@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from jaxreward import configuration, data, pipeline
+from jaxreward import configuration, data, outputs, pipeline
 from jaxreward.configuration import ConfigError
 
 ROW_BUCKETS = (4, 16, 64)  # Rows per compiled batch: a call of 3 sequences does not pay for 64.
@@ -384,6 +384,9 @@ def main(argv=None) -> int:
     if args.checkpoint not in ("best", "latest") and not args.checkpoint.isdigit():
       raise ConfigError(f"--checkpoint must be best, latest or a step number, got {args.checkpoint!r}")
     check_model_path(args.model)
+    outputs.check_file(args.out)
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.data):
+      raise ConfigError(f"--out {args.out} is the --data file; write the scores elsewhere")
     read_rows(args.data)  # Fail on a bad file before spending time loading the model.
     scorer = load_scorer(args.model, args.checkpoint, args.max_length)
     out, summary = score_file(scorer, args.data)
@@ -392,6 +395,9 @@ def main(argv=None) -> int:
       f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
+    return configuration.EXIT_BAD_INPUT
+  except OSError as e:
+    print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
     return configuration.EXIT_BAD_INPUT
   if summary.get("normalized_mean") is None:
     print(f"warning: {args.model} has no saved validation reward mean/std; reward_normalized is null",

@@ -15,7 +15,7 @@ import tqdm
 from flax import nnx
 
 from jaxreward import analysis, checkpoint, configuration, corpus, evaluate, gate, loss, memory, model as model_lib
-from jaxreward import optimizer, packing, pipeline, preemption, report, sharding, tensorboard
+from jaxreward import optimizer, packing, pipeline, preemption, preflight, report, rundir, sharding, tensorboard
 from jaxreward import tokenizer as tokenizer_lib
 
 
@@ -152,14 +152,21 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json."""
+  """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json.
+
+  The work dir is checked and locked first (rundir.py): a refused run changes nothing in it."""
+  configuration.validate(config)
+  with rundir.open_run(workdir, config.copy_and_resolve_references(), log) as run_dir:
+    return _train_and_evaluate(config, workdir, run_dir)
+
+
+def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
   started = time.time()
   configuration.validate(config)
   config = config.copy_and_resolve_references()  # The run records derived values (vocab size) in its own copy.
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   rule_table = sharding.rules(config.mesh)
@@ -171,6 +178,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       f"{' x grad_accum_steps' if key == 'batch_size' else ''} = {multiple} "
                                       f"(mesh {sharding.describe(mesh)})")
 
+  if config.model.init_from:
+    preflight.check_init_from(config, log)
   prepared = corpus.prepare(config, log)
   tok = prepared.tokenizer
   if config.model.init_from:
@@ -182,6 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise configuration.ConfigError(f"config: the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
                                     f"tokenizer's ({tokenizer_lib.vocab_size(tok)}); token ids would fall outside it")
   config.model.vocab_size = model_cfg.vocab_size  # Recorded in config.json so the work dir rebuilds exactly.
+  preflight.check_memory(config, model_cfg, dict(mesh.shape), log)
   buckets = pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets)
   pid, nproc = jax.process_index(), jax.process_count()
   plan = make_plan(config, prepared.train)
@@ -199,6 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   log(f"model: {num_params:,} parameters; mesh {sharding.describe(mesh)}; "
       f"{sharding.per_device_bytes(state) / 2**20:.1f} MiB of parameters + optimizer state per device")
   log(memory.render(memory.from_config(config, model_cfg, dict(mesh.shape))))
+  run_dir.record()
   if is_main:
     tokenizer_lib.save(tok, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -218,10 +229,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
   start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, layout, pid, nproc))
-  if ckpt.latest_step() is not None:
-    start_step = ckpt.latest_step()
-    state, data_state = ckpt.restore(start_step, state)
-    iterator.set_state(data_state)
+  restored_step, state, _ = ckpt.restore_latest(state, iterator.set_state, log)
+  if restored_step is not None:
+    start_step = restored_step
     log(f"resumed from step {start_step} in {ckpt.directory}")
   elif config.model.init_from:
     state["params"] = hf.load_params(config.model.init_from, state["params"])
@@ -253,9 +263,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     m = loss.finalize(host) | {k: float(host[k]) for k in ("grad_norm", "learning_rate")}
     if host["skipped"]:
       if t.nan_policy == "stop":
+        ckpt.wait()  # Commits a save still in flight before the run ends.
+        last = ckpt.latest_step()
+        ckpt.close()
         raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
-                            f"the checkpoints in {ckpt.directory} are intact (lower train.learning_rate, or "
-                            "train.nan_policy=skip)")
+                            f"the last checkpoint (step {last}) in {ckpt.directory} is intact: lower "
+                            "train.learning_rate in a new --workdir or continue it with "
+                            "--config.train.resume=force; or set train.nan_policy=skip")
       skipped_steps.append(step)
       log(f"step {step}: non-finite loss or gradient; update skipped ({len(skipped_steps)} so far)")
       bar.update(1)
@@ -327,7 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "padding_fraction": padding, "padding_fraction_by_epoch": padding_by_epoch, "packing": config.data.packing,
       "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
       "gate": verdict, "gate_pass": verdict["pass"], "skipped_steps": skipped_steps,
-      "validation_analysis": validation_analysis,
+      "validation_analysis": validation_analysis, "forced_resumes": run_dir.forced_resumes,
       **{k: v for k, v in prepared.stats.items()},
   }
   gate_text = gate.render(verdict)
