@@ -107,36 +107,50 @@ class Encoded:
 
 
 def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
+  """Token ids of both sides of every pair: `sequence(tokens of prompt + response)`.
+
+  The scored text (prompt and response joined with nothing between, or a chat template's rendering) is
+  tokenized as ONE string, as `tokenizer(prompt + response)` does in transformers: tokenizing the two parts
+  apart can split differently where they meet, and an exported tokenizer could not reproduce that.
+  """
   eos = tok.eos_token_id
   out = Encoded(ids=[], margin=np.zeros(0, np.float32), pairs=[])
   margins = []
-  prompt_cache = {}
   leading = leading_special_ids(tok)
-  for pair in pairs:
-    sides, cut = [], False
-    for response in (pair.chosen, pair.rejected):
-      prompt_text, response_text = render(pair.prompt, response, tok)
-      if prompt_text not in prompt_cache:
-        # A chat template writes its own BOS; plain text gets the tokenizer's leading specials (e.g. BOS) but
-        # never its trailing ones (EOS/SEP), which would land mid-sequence.
-        from_template = not isinstance(pair.prompt, str)
-        prompt_cache[prompt_text] = ([] if from_template else leading) + (
-            tok(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else [])
-      ids = prompt_cache[prompt_text] + tok(response_text, add_special_tokens=False)["input_ids"] + [eos]
-      if len(ids) > max_length:
-        cut = True
-        # Keep the end: the prompt's beginning goes first, a response's end never does.
-        ids = ids[-max_length:]
-      sides.append(np.asarray(ids, np.int32))
-    if cut and truncation == "drop":
+  if max_length < len(leading) + 2:
+    raise ConfigError(f"config: data.max_length={max_length} leaves no room for text between the tokenizer's "
+                      f"{len(leading)} leading special tokens and EOS")
+  texts = ["".join(render(pair.prompt, response, tok)) for pair in pairs for response in (pair.chosen, pair.rejected)]
+  bodies = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+  for i, pair in enumerate(pairs):
+    (chosen, cut_c), (rejected, cut_r) = (sequence(bodies[2 * i + s], leading, eos, max_length) for s in (0, 1))
+    if (cut_c or cut_r) and truncation == "drop":
       out.dropped += 1
       continue
-    out.truncated += cut
-    out.ids.append(sides)
+    out.truncated += cut_c or cut_r
+    out.ids.append([chosen, rejected])
     out.pairs.append(pair)
     margins.append(pair.margin)
   out.margin = np.asarray(margins, np.float32)
   return out
+
+
+def sequence(body: list[int], leading: list[int], eos: int, max_length: int) -> tuple[np.ndarray, bool]:
+  """(leading specials + body + EOS, whether body was cut): each special exactly once, the body cut from the left.
+
+  This is the encoding an exported tokenizer's post-processor reproduces (export.py): leading specials (e.g.
+  BOS; a chat template that writes them itself does not get a second copy), then the text, then one EOS (a
+  text already ending in EOS does not get a second one), and a text too long for `max_length` loses its
+  beginning, never the leading specials, its end or the EOS where the reward is read.
+  """
+  body = list(body)
+  if leading and body[:len(leading)] == leading:
+    body = body[len(leading):]
+  if body and body[-1] == eos:
+    body = body[:-1]
+  room = max_length - len(leading) - 1
+  cut = len(body) > room
+  return np.asarray(leading + body[len(body) - room if cut else 0:] + [eos], np.int32), cut
 
 
 def leading_special_ids(tok) -> list[int]:
