@@ -15,7 +15,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -23,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxreward import model as model_lib
+from jaxreward import export as export_lib, model as model_lib, pipeline
 from jaxreward.configuration import ConfigError
 
 # model_type -> the prefix of its HF classes (`LlamaConfig`, `LlamaForSequenceClassification`, ...).
@@ -303,12 +302,14 @@ def _hf_config(cfg: model_lib.ModelConfig, model_type: str, tokenizer, max_posit
 
 
 def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None = None,
-           reward_stats: dict | None = None) -> str:
-  """Writes an HF `*ForSequenceClassification` folder whose scores equal ours.
+           reward_stats: dict | None = None, max_length: int | None = None) -> str:
+  """Writes an HF `*ForSequenceClassification` folder whose plain transformers scores equal ours.
 
-  `loaded_or_model` is an `artifacts.Loaded` (then the model card and the validation reward statistics
-  of its work dir come along) or a bare `RewardModel`. `model_type` (llama | qwen2 | mistral) defaults to
-  the family of the run's `init_from` model, else qwen2 when q/k/v carry a bias and llama otherwise.
+  `loaded_or_model` is an `artifacts.Loaded` (then the training max_length, the checkpoint's validation reward
+  statistics and accuracies come along) or a bare `RewardModel` (then `max_length`, default the model's
+  context length). `model_type` (llama | qwen2 | mistral) defaults to the family of the run's `init_from`
+  model, else qwen2 when q/k/v carry a bias and llama otherwise. The tokenizer is written by
+  `export.save_tokenizer` (encodes as training did, checked), the README.md is the export's own model card.
   """
   model = getattr(loaded_or_model, "model", loaded_or_model)
   workdir = getattr(loaded_or_model, "workdir", None)
@@ -327,6 +328,7 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
   model_type = model_type or ("qwen2" if cfg.qkv_bias else "llama")
   if model_type not in _FAMILIES:
     raise ConfigError(f"hf: cannot export as {model_type!r} (supported: {', '.join(_FAMILIES)})")
+  max_length = max_length or (loaded_or_model.config.data.max_length if workdir else max_positions)
 
   os.makedirs(out_dir, exist_ok=True)
   hf_cfg = _hf_config(cfg, model_type, tokenizer, max_positions)
@@ -338,22 +340,22 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
   with open(config_path, "w") as f:
     json.dump({**config_json, "num_labels": 1}, f, indent=2, sort_keys=True)
   save_file(hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  tokenizer.save_pretrained(out_dir)
+  exported_tok = export_lib.save_tokenizer(tokenizer, out_dir, max_length)
 
-  if reward_stats is None and workdir:
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if os.path.isfile(metrics_path):
-      with open(metrics_path) as f:
-        metrics = json.load(f)
-      reward_stats = {"mean": metrics["val_reward_mean"], "std": metrics["val_reward_std"],
-                      "source": "validation rewards of the best checkpoint (metrics.json)",
-                      "step": getattr(loaded_or_model, "step", None),
-                      # Scorers must truncate as training did (keep_end at this length) to score alike.
-                      "max_length": loaded_or_model.config.data.max_length}
+  step = getattr(loaded_or_model, "step", None)
+  evaluation, summary = (export_lib.eval_row(workdir, step), export_lib.summary(workdir)) if workdir else ({}, {})
+  if reward_stats is None and "val_reward_std" in evaluation:
+    reward_stats = {"mean": evaluation["val_reward_mean"], "std": evaluation["val_reward_std"],
+                    "source": f"validation rewards at step {step} (metrics.jsonl)", "step": step}
   if reward_stats is not None:
-    # RL trainers normalise rewards as (r - mean) / std.
+    # RL trainers normalise rewards as (r - mean) / std; the scorer reads max_length from here too.
+    reward_stats = {**reward_stats, "max_length": max_length}
     with open(os.path.join(out_dir, "reward_normalization.json"), "w") as f:
       json.dump(reward_stats, f, indent=2)
-  if workdir and os.path.isfile(os.path.join(workdir, "README.md")):
-    shutil.copy(os.path.join(workdir, "README.md"), os.path.join(out_dir, "README.md"))
+  card = export_lib.model_card(
+      family=_FAMILIES[model_type], max_length=max_length, eos=exported_tok.eos_token,
+      leading=exported_tok.convert_ids_to_tokens(pipeline.leading_special_ids(exported_tok)), stats=reward_stats,
+      evaluation=evaluation, summary=summary, step=step, source=workdir)
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write(card)
   return out_dir

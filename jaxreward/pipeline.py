@@ -31,6 +31,10 @@ from jaxreward.data import Pair
 #   response = "Hello\n" (+ "<|assistant|>\nmore\n" for each further response message)
 # so prompt + response is exactly the PLAIN_TEMPLATE rendering of the whole conversation; EOS follows.
 PLAIN_TEMPLATE = "<|{role}|>\n{content}\n"
+# The same as a Jinja chat template, for exported tokenizers (export.py): `apply_chat_template` then renders
+# what training rendered.
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 _warned_templates = set()
 
 
@@ -121,7 +125,8 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
     raise ConfigError(f"config: data.max_length={max_length} leaves no room for text between the tokenizer's "
                       f"{len(leading)} leading special tokens and EOS")
   texts = ["".join(render(pair.prompt, response, tok)) for pair in pairs for response in (pair.chosen, pair.rejected)]
-  bodies = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+  # verbose=False: no "longer than the maximum" warning; sequence() cuts.
+  bodies = tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
   for i, pair in enumerate(pairs):
     (chosen, cut_c), (rejected, cut_r) = (sequence(bodies[2 * i + s], leading, eos, max_length) for s in (0, 1))
     if (cut_c or cut_r) and truncation == "drop":
