@@ -107,8 +107,11 @@ def check(exported, trained, max_length: int) -> None:
             else exported.apply_chat_template(prompt + response, tokenize=False))
     got = exported(text, truncation=True)["input_ids"]
     if list(got) != ids.tolist():
-      raise ConfigError(f"hf: the exported tokenizer encodes {text[:40]!r}... as {list(got)[:6]}...{list(got)[-3:]} "
-                        f"({len(got)} ids) but training as {ids.tolist()[:6]}...{ids.tolist()[-3:]} ({len(ids)})")
+      # e.g. transformers 5 rebuilds every qwen2 folder's tokenizer with Qwen2's own pre-tokenizer.
+      raise ConfigError(f"hf: transformers loads the exported tokenizer as {type(exported).__name__}, which encodes "
+                        f"{text[:30]!r}... as {list(got)[:5]}...{list(got)[-2:]} ({len(got)} ids) but training "
+                        f"as {ids.tolist()[:5]}...{ids.tolist()[-2:]} ({len(ids)}); the export would score wrongly "
+                        "(export another family with --model_type, or train with that family's tokenizer)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -259,8 +259,10 @@ def _load_hf_scorer(folder: str, max_length: int | None) -> Scorer:
   stats = hf_reward_stats(folder)
   with open(os.path.join(folder, "config.json")) as f:
     hf_cfg = json.load(f)
-  # The export may record the training max_length; else the model's context length.
-  max_length = int(max_length or stats.get("max_length") or hf_cfg.get("max_position_embeddings") or 2048)
+  # Our exports record the training max_length as the tokenizer's model_max_length (older ones in
+  # reward_normalization.json); else the model's context length. transformers' "no limit" is a huge number.
+  recorded = tok.model_max_length if tok.model_max_length < 10**9 else None
+  max_length = int(max_length or recorded or stats.get("max_length") or hf_cfg.get("max_position_embeddings") or 2048)
   try:
     backend, how = _JaxBackend(_hf_jax_model(folder)), "jax"
   except Exception as e:  # pylint: disable=broad-except  (any failure of the JAX import path -> torch)

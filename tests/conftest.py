@@ -33,3 +33,25 @@ def require_shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} is absent (real preference data is only beside the project's own checkout)")
   return SHARED_DATA
+
+
+def qwen2_style_bpe(texts, vocab_size: int, **special_tokens):
+  """A small BPE built offline with the normalizer and pre-tokenizer transformers 5 gives every qwen2 folder's
+  tokenizer (it rebuilds them as Qwen2Tokenizer), so an exported Qwen2 model tokenizes as it was trained."""
+  import transformers  # Deferred, like every import here: conftest must not import jax before XLA_FLAGS is set.
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers.models.qwen2 import tokenization_qwen2
+  from jaxreward import tokenizer as tokenizer_lib
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(tokenization_qwen2.PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  specials = [tokenizer_lib.PAD, tokenizer_lib.EOS] + list(special_tokens.values())
+  tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                              show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tokenizer_lib.EOS,
+                                              pad_token=tokenizer_lib.PAD, **special_tokens)
