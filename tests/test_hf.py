@@ -281,7 +281,10 @@ def test_train_from_hf_folder_then_export(tmp_path, tok, tiny_config):
   assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "reward_normalization.json"} <= set(
       os.listdir(out))
   stats = json.loads((out / "reward_normalization.json").read_text())
-  assert stats["mean"] == summary["val_reward_mean"] and stats["std"] == summary["val_reward_std"]
+  # The statistics of the exported (latest) checkpoint, not of the best one in metrics.json.
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  at_4 = next(r for r in rows if r["kind"] == "eval" and r["step"] == 4)
+  assert stats["step"] == 4 and stats["mean"] == at_4["val_reward_mean"] and stats["std"] == at_4["val_reward_std"]
   from jaxreward import artifacts  # pylint: disable=g-import-not-at-top
   loaded = artifacts.load(str(tmp_path / "run"), "latest")
   theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
