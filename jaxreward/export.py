@@ -10,9 +10,11 @@ That takes a post-processor that appends EOS (saved in tokenizer.json, so it sur
 `truncation_side="left"` and `model_max_length` = the trained max_length in tokenizer_config.json, and a chat
 template whose rendering, tokenized, gives training's ids: our own BPE gets pipeline.PLAIN_CHAT_TEMPLATE; a
 template that writes BOS itself (the tokenizer adds it now) or ends with EOS (the post-processor adds it) is
-wrapped so it does not. A post-processor cannot look at the text, so a plain text that already ends in EOS
-gets a second one from transformers (jaxreward's own encoding keeps one): the scoring contract is to pass
-text without EOS. `save_tokenizer` re-reads what it wrote and checks it against `pipeline.encode`.
+wrapped so it does not. Padding is on the right with a pad token other than EOS (hf.export refuses pad ==
+EOS), so `*ForSequenceClassification`, which reads the last token that is not pad, reads the reward at our
+EOS. A post-processor cannot look at the text, so a plain text that already ends in EOS gets a second one
+from transformers (jaxreward's own encoding keeps one): the scoring contract is to pass text without EOS.
+`save_tokenizer` re-reads what it wrote and checks it against `pipeline.encode`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
   python tools/convert_to_hf.py runs/smollm2 runs/smollm2_rm [--checkpoint best|latest|STEP]
 
-Writes config.json, model.safetensors (`model.*` + `score.weight` [1, hidden]), the tokenizer, the
-work dir's README.md model card and reward_normalization.json (validation reward mean/std) to <out>.
-Then `AutoModelForSequenceClassification.from_pretrained(out)` scores as jaxreward does. The first
+Writes config.json, model.safetensors (`model.*` + `score.weight` [1, hidden]), a tokenizer that encodes
+as training did (BOS if any + text + EOS, cut from the left to data.max_length; checked on write), the
+export's own README.md model card and reward_normalization.json (validation reward mean/std) to <out>.
+Then plain `AutoTokenizer` + `AutoModelForSequenceClassification` code scores as jaxreward does. The first
 argument may also be a checkpoint folder inside a work dir (`<workdir>/checkpoints/<step>`), which
 selects that step. <out> must be new or empty, or `--overwrite` replaces it whole (written beside it first,
 then renamed into place); it is never a work dir. Exit codes: 0 written, 2 bad input (one line on stderr).
