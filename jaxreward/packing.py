@@ -1,17 +1,12 @@
 """Sequence packing: a batch's sequences laid end to end in rows of `data.pack_length` (or max_length) tokens.
 
-Bucketing alone cannot go below the padding of the B x P x L layout: chosen and rejected share one width,
-and a pair's sides differ in length. Packing drops that layout for training. A packed global batch is
-  tokens_GxRxL    int32  G groups of R rows; each row holds whole sequences back to back, then pad ids
-  positions_GxRxL int32  each token's position within its own sequence (RoPE restarts per sequence)
-  segments_GxRxL  int32  1, 2, ... for the sequences of a row, 0 for padding (attention stays inside one)
-  ends_GxBxP      int32  where each side's EOS lies in its group, as the flat index r·L + l
-  weight_GxB, margin_GxB float32 as in the bucketed layout
-Group g holds pairs g·B/G ... (g+1)·B/G - 1 of the batch. G is data x fsdp x grad_accum_steps, so each
-device's microbatch is whole groups and the reward gather never crosses devices. R varies with the batch;
-it is rounded up to one of a few row counts (chosen from the first epoch's batches) so XLA compiles few
-programs. A pair's reward is the same packed or not: the mask and positions make each sequence see exactly
-what it would see alone (tests/test_packing.py).
+Bucketing alone cannot go below the padding of one sequence per row: chosen and rejected share one width,
+and a pair's sides differ in length. Packing lays sequences end to end instead, into a `pipeline.Batch` with
+positions and segments: group g holds pairs g·B/G ... (g+1)·B/G - 1 of the batch. G is data x fsdp x
+grad_accum_steps, so each device's microbatch is whole groups and the reward gather never crosses devices.
+R varies with the batch; it is rounded up to one of a few row counts (chosen from the first epoch's batches)
+so XLA compiles few programs. A pair's reward is the same packed or not: the mask and positions make each
+sequence see exactly what it would see alone (tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -20,8 +15,6 @@ import numpy as np
 
 from jaxreward import pipeline
 from jaxreward.configuration import ConfigError
-
-KEYS = ("tokens_GxRxL", "positions_GxRxL", "segments_GxRxL", "ends_GxBxP", "weight_GxB", "margin_GxB")
 
 
 def first_fit_decreasing(lengths_N: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -75,7 +68,7 @@ class PackedLayout:
     """Token slots the batch occupies once packed (its real tokens plus padding)."""
     return self.groups * self.padded_rows(self.rows_needed(enc, indices)) * self.row_length
 
-  def collate(self, enc, indices: np.ndarray, weight: np.ndarray) -> dict:
+  def collate(self, enc, indices: np.ndarray, weight: np.ndarray) -> pipeline.Batch:
     g_count, width = self.groups, self.row_length
     lengths_GxN = self._group_lengths(enc, indices)
     placements = [first_fit_decreasing(lengths, width) for lengths in lengths_GxN]
@@ -96,6 +89,7 @@ class PackedLayout:
         positions[g, row, span] = np.arange(len(ids))
         segments[g, row, span] = segments_in_row[row]
         ends[g, pair, side] = row * width + offset + len(ids) - 1
-    return {"tokens_GxRxL": tokens, "positions_GxRxL": positions, "segments_GxRxL": segments, "ends_GxBxP": ends,
-            "weight_GxB": weight.astype(np.float32).reshape(g_count, -1),
-            "margin_GxB": enc.margin[indices].reshape(g_count, -1)}
+    return pipeline.Batch(tokens_GxRxL=tokens, ends_GxBxP=ends,
+                          weight_GxB=weight.astype(np.float32).reshape(g_count, -1),
+                          margin_GxB=enc.margin[indices].reshape(g_count, -1), positions_GxRxL=positions,
+                          segments_GxRxL=segments)

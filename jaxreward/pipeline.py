@@ -1,17 +1,15 @@
-"""Pairs -> token ids -> length-bucketed batches, streamed through grain with exact resume.
+"""Pairs -> token ids -> batches, streamed through grain with exact resume.
 
-A batch is a dict of numpy arrays holding this host's rows of the global batch:
-  tokens_BxPxL int32   chosen (p=0) and rejected (p=1), right-padded with the pad id
-  lengths_BxP  int32   real tokens per sequence; the reward is read at lengths-1 (the EOS)
-  weight_B     float32 1 for a real pair, 0 for filler in the last evaluation batch
-  margin_B     float32 the dataset's preference margin (0 when absent)
+Every batch, packed or not, is one `Batch` (below): G groups of R rows of L tokens that hold the sequences of
+the group's B/G pairs, plus where each side's EOS lies. The model reads it through one entry point
+(`RewardModel.score`), the loss through one path (`state.batch_rewards`).
 
 Training batches follow a plan that depends only on (seed, epoch): shuffle, sort windows of
 `sort_window` batches by length, cut into batches, shuffle the batches. A layout turns each batch's pair
-indices into arrays: `BucketedLayout` pads it to the smallest of a few bucket lengths that fits it (the
-layout above; evaluation always uses it), `packing.PackedLayout` packs its sequences into rows (training
-with data.packing; no length sorting is needed then). Either way XLA compiles few programs. The grain
-iterator's state (the next step) is saved with every checkpoint.
+indices into a Batch: `BucketedLayout` puts one pair in each group, one sequence per row, padded to the
+smallest of a few bucket lengths that fits the batch (evaluation always uses it); `packing.PackedLayout`
+packs sequences into rows (training with data.packing; no length sorting is needed then). Either way XLA
+compiles few programs. The grain iterator's state (the next step) is saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,9 +18,12 @@ import dataclasses
 import os
 
 from absl import logging
+from flax import struct
 import grain
+import jax
 import numpy as np
 
+from jaxreward import sharding
 from jaxreward.configuration import ConfigError
 from jaxreward.data import Pair
 
@@ -159,7 +160,47 @@ def smallest_fitting(buckets, size: int) -> int:
   return next(b for b in buckets if b >= size)
 
 
-def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int) -> dict:
+@struct.dataclass
+class Batch:
+  """This host's groups of a global batch (numpy on the host, jax arrays once on device).
+
+  tokens_GxRxL    int32   G groups of R rows of L tokens: whole sequences back to back, then pad ids
+  ends_GxBxP      int32   where each side's EOS (the token whose state is scored) lies: flat index r·L + l
+  weight_GxB      float32 1 for a real pair, 0 for filler in the last evaluation batch
+  margin_GxB      float32 the dataset's preference margin (0 when absent)
+  positions_GxRxL int32   each token's position within its own sequence (RoPE restarts per sequence)
+  segments_GxRxL  int32   1, 2, ... for the sequences of a row, 0 for padding (attention stays inside one)
+  The last two are None when every row holds one sequence from position 0 (BucketedLayout): no mask beyond
+  the causal one is needed then, since padding only follows the EOS.
+  """
+
+  tokens_GxRxL: np.ndarray
+  ends_GxBxP: np.ndarray
+  weight_GxB: np.ndarray
+  margin_GxB: np.ndarray
+  positions_GxRxL: np.ndarray | None = None
+  segments_GxRxL: np.ndarray | None = None
+
+  @staticmethod
+  def sharding(mesh, rule_table):
+    """Groups over the batch shards, every other axis replicated: one sharding for every field."""
+    return sharding.batch_sharding(mesh, rule_table)
+
+  def groups(self, rows: slice) -> Batch:
+    return jax.tree.map(lambda x: x[rows], self)
+
+  def on_device(self, batch_sharding) -> Batch:
+    """Each host contributes its groups; together they form the global batch."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), self)
+
+  def real_tokens(self) -> int:
+    if self.segments_GxRxL is not None:
+      return int((self.segments_GxRxL > 0).sum())
+    return int((self.ends_GxBxP % self.tokens_GxRxL.shape[-1] + 1).sum())  # One sequence per row.
+
+
+def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int) -> Batch:
+  """One pair per group, one sequence per row (R = 2), padded to the smallest bucket that fits the batch."""
   lengths_BxP = np.zeros((len(indices), 2), np.int32)
   for row, i in enumerate(indices):
     lengths_BxP[row] = [len(enc.ids[i][0]), len(enc.ids[i][1])]
@@ -168,17 +209,19 @@ def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list
   for row, i in enumerate(indices):
     for p in range(2):
       tokens_BxPxL[row, p, :lengths_BxP[row, p]] = enc.ids[i][p]
-  return {"tokens_BxPxL": tokens_BxPxL, "lengths_BxP": lengths_BxP, "weight_B": weight.astype(np.float32),
-          "margin_B": enc.margin[indices]}
+  ends_Bx1xP = (np.arange(2, dtype=np.int32) * padded + lengths_BxP - 1)[:, None, :]
+  return Batch(tokens_GxRxL=tokens_BxPxL, ends_GxBxP=ends_Bx1xP, weight_GxB=weight.astype(np.float32)[:, None],
+               margin_GxB=enc.margin[indices][:, None])
 
 
 class BucketedLayout:
-  """The B x P x L layout: each batch padded to the smallest bucket length that fits its longest sequence."""
+  """Batches of one pair per group, each batch padded to the smallest bucket length that fits its longest
+  sequence."""
 
   def __init__(self, buckets: list[int], pad_id: int):
     self.buckets, self.pad_id = buckets, pad_id
 
-  def collate(self, enc: Encoded, indices: np.ndarray, weight: np.ndarray) -> dict:
+  def collate(self, enc: Encoded, indices: np.ndarray, weight: np.ndarray) -> Batch:
     return collate(enc, indices, weight, self.buckets, self.pad_id)
 
   def slots(self, enc: Encoded, indices: np.ndarray) -> int:
@@ -238,19 +281,26 @@ def train_dataset(plan: TrainPlan, num_steps: int, layout, process_index: int, p
     indices = plan.indices(int(step))
     # Shapes (padded width, packed rows) come from the whole global batch so every host builds the same.
     batch = layout.collate(plan.enc, indices, np.ones(len(indices)))
-    rows = host_rows(next(iter(batch.values())).shape[0], process_index, process_count)
-    return {k: v[rows] for k, v in batch.items()}
+    return batch.groups(host_rows(batch.tokens_GxRxL.shape[0], process_index, process_count))
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
 
+@dataclasses.dataclass
+class EvalBatches:
+  """Fixed evaluation batches, and for each real pair in batch order its position in the indices asked for."""
+  batches: list[Batch]
+  positions: np.ndarray
+
+
 def eval_batches(enc: Encoded, indices: np.ndarray, batch_size: int, buckets, pad_id: int, process_index: int,
-                 process_count: int) -> list[dict]:
-  """Fixed evaluation batches, sorted by length; the last is filled with weight-0 copies."""
+                 process_count: int) -> EvalBatches:
+  """Batches of the pairs `indices`, sorted by length; the last is filled with weight-0 copies."""
   rows = host_rows(batch_size, process_index, process_count)
   lengths = enc.lengths().max(axis=1)
-  ordered = indices[np.argsort(lengths[indices], kind="stable")]
+  positions = np.argsort(lengths[indices], kind="stable")
+  ordered = indices[positions]
   batches = []
   for start in range(0, len(ordered), batch_size):
     chunk = ordered[start:start + batch_size]
@@ -258,6 +308,5 @@ def eval_batches(enc: Encoded, indices: np.ndarray, batch_size: int, buckets, pa
     if len(chunk) < batch_size:
       weight[len(chunk):] = 0.0
       chunk = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-    batch = collate(enc, chunk, weight, buckets, pad_id)
-    batches.append({k: v[rows] for k, v in batch.items()})
-  return batches
+    batches.append(collate(enc, chunk, weight, buckets, pad_id).groups(rows))
+  return EvalBatches(batches, positions)

@@ -206,26 +206,6 @@ def test_bad_file_is_one_line_error(tmp_path, case, problem):
   assert path in str(e.value) and "\n" not in str(e.value)
 
 
-# --- hygiene ------------------------------------------------------------------------------------------------
-
-
-def test_duplicates_and_leaks_are_removed_and_counted():
-  mk = lambda p, c: data.Pair(p, c, "r")
-  pairs = [mk("a", "1"), mk("a", "1"), mk("b", "1"), mk("c", "1"), mk("a", "2")]
-  kept, dups = data.deduplicate(pairs)
-  assert dups == 1 and [p.chosen for p in kept] == ["1", "1", "1", "2"]
-  train, leaks = data.remove_leaks(kept, [mk("a", "9")])
-  assert leaks == 2 and [p.prompt for p in train] == ["b", "c"]
-
-
-def test_split_keeps_each_prompt_on_one_side():
-  pairs = [data.Pair(f"p{i % 50}", f"c{i}", "r") for i in range(500)]
-  train, val = data.split(pairs, 0.2, seed=0)
-  assert len(train) + len(val) == 500 and 0.15 < len(val) / 500 < 0.25
-  assert not {p.prompt for p in train} & {p.prompt for p in val}
-  assert data.split(pairs, 0.2, seed=0) == (train, val)
-
-
 # --- render -------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,5 @@
 """Packing: every sequence placed once, intact, and scored exactly as it would be alone."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -35,11 +34,10 @@ def test_collate_lays_out_each_sequence_intact(enc):
   layout = packing.PackedLayout(64, 2, 16, pad_id=0)
   indices = np.arange(3, 19)
   batch = layout.collate(enc, indices, np.ones(16))
-  tokens, positions, segments, ends = (batch[k] for k in ("tokens_GxRxL", "positions_GxRxL", "segments_GxRxL",
-                                                          "ends_GxBxP"))
-  assert ends.shape == (2, 8, 2) and batch["weight_GxB"].shape == (2, 8)
+  tokens, positions, segments, ends = batch.tokens_GxRxL, batch.positions_GxRxL, batch.segments_GxRxL, batch.ends_GxBxP
+  assert ends.shape == (2, 8, 2) and batch.weight_GxB.shape == (2, 8)
   real = sum(len(enc.ids[i][0]) + len(enc.ids[i][1]) for i in indices)
-  assert (segments > 0).sum() == real
+  assert (segments > 0).sum() == real == batch.real_tokens()
   for g in range(2):
     for b in range(8):
       for p in range(2):
@@ -49,7 +47,7 @@ def test_collate_lays_out_each_sequence_intact(enc):
         np.testing.assert_array_equal(tokens[g, row, start:end + 1], ids)
         np.testing.assert_array_equal(positions[g, row, start:end + 1], np.arange(len(ids)))
         assert len(set(segments[g, row, start:end + 1])) == 1 and segments[g, row, start] > 0
-  np.testing.assert_array_equal(batch["margin_GxB"].ravel(), enc.margin[indices])
+  np.testing.assert_array_equal(batch.margin_GxB.ravel(), enc.margin[indices])
 
 
 def test_row_buckets_cover_every_batch_and_stay_few(enc):
@@ -76,11 +74,13 @@ def test_packed_rewards_equal_one_sequence_per_row(enc):
   layout = packing.PackedLayout(64, 3, 24, pad_id=0)
   layout.fit_buckets([layout.rows_needed(enc, indices)], 1)
   packed = layout.collate(enc, indices, np.ones(24))
-  assert packed["tokens_GxRxL"].shape[1] < 16, "several sequences share each row"
-  r_GxBxP = model.score_packed(*(jnp.asarray(packed[k]) for k in packing.KEYS[:4]))
+  assert packed.tokens_GxRxL.shape[1] < 16, "several sequences share each row"
+  assert packed.segments_GxRxL is not None
+  r_GxBxP = model.score(packed.tokens_GxRxL, packed.ends_GxBxP, packed.positions_GxRxL, packed.segments_GxRxL)
   plain = pipeline.collate(enc, indices, np.ones(24), [64], 0)
-  r_Bx2 = model.score_pairs(jnp.asarray(plain["tokens_BxPxL"]), jnp.asarray(plain["lengths_BxP"]))
-  np.testing.assert_allclose(np.asarray(r_GxBxP).reshape(-1, 2), r_Bx2, atol=1e-5)
+  assert plain.segments_GxRxL is None and plain.tokens_GxRxL.shape[1] == 2, "one sequence per row"
+  r_Bx1x2 = model.score(plain.tokens_GxRxL, plain.ends_GxBxP)
+  np.testing.assert_allclose(np.asarray(r_GxBxP).reshape(-1, 2), np.asarray(r_Bx1x2).reshape(-1, 2), atol=1e-5)
 
 
 def test_rows_barely_wider_than_the_longest_sequence_pack_worse(enc):

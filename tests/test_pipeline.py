@@ -70,6 +70,12 @@ def test_plan_is_deterministic_covers_each_epoch_and_sorts_windows():
 
 def test_eval_batches_cover_every_pair_once():
   enc = pipeline.encode(PAIRS[:37], bpe(), 64, "keep_end")
-  batches = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0, 0, 1)
-  assert len(batches) == 3 and sum(b["weight_B"].sum() for b in batches) == 37
-  assert all(b["tokens_BxPxL"].shape[0] == 16 for b in batches)
+  evaluation = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0, 0, 1)
+  batches = evaluation.batches
+  assert len(batches) == 3 and sum(b.weight_GxB.sum() for b in batches) == 37
+  assert all(b.tokens_GxRxL.shape[:2] == (16, 2) for b in batches)
+  # Batches are sorted by length; `positions` maps each real pair back to its place in the input.
+  assert sorted(evaluation.positions) == list(range(37))
+  first = batches[0]
+  i = int(evaluation.positions[0])
+  np.testing.assert_array_equal(first.tokens_GxRxL[0, 0, :len(enc.ids[i][0])], enc.ids[i][0])
