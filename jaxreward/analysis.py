@@ -306,7 +306,7 @@ def analyze(pairs, r_Nx2, token_lengths_Nx2=None, target_margin_N=None, *, num_h
 
 
 def for_training(validation, r_Nx2, plot_path: str | None = None) -> dict:
-  """The analysis of the validation split (`pipeline.Encoded`, rewards in its pair order) for metrics.json and
+  """The analysis of the validation split (`tokenizer.Encoded`, rewards in its pair order) for metrics.json and
   the model card: fewer, shorter hardest pairs than the CLI."""
   return analyze(validation.pairs, r_Nx2, validation.lengths(), validation.margin, num_hardest=3, text_chars=160,
                  plot_path=plot_path, title="validation")

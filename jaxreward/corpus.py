@@ -13,14 +13,14 @@ import collections
 import dataclasses
 import hashlib
 
-from jaxreward import configuration, data, pipeline, synthetic, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import configuration, data, synthetic, tfds_data, tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
 class PreparedData:
   tokenizer: object
-  train: pipeline.Encoded
-  validation: pipeline.Encoded
+  train: tokenizer_lib.Encoded
+  validation: tokenizer_lib.Encoded
   stats: dict
 
 
@@ -78,9 +78,9 @@ def prepare(config, log) -> PreparedData:
   if tok_path:
     tok = tokenizer_lib.load(tok_path)
   else:
-    tok = tokenizer_lib.train_bpe(pipeline.texts_for_tokenizer(train_pairs), d.vocab_size)
-  train = pipeline.encode(train_pairs, tok, d.max_length, d.truncation)
-  validation = pipeline.encode(val_pairs, tok, d.max_length, d.truncation)
+    tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), d.vocab_size)
+  train = tokenizer_lib.encode(train_pairs, tok, d.max_length, d.truncation)
+  validation = tokenizer_lib.encode(val_pairs, tok, d.max_length, d.truncation)
   if len(train) < config.train.batch_size or not len(validation):
     raise configuration.ConfigError(
         f"data: {len(train)} training / {len(validation)} validation pairs left after truncation "

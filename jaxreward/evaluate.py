@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxreward import analysis, artifacts, data, pipeline, report, score, sharding, state
+from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 
@@ -25,7 +26,7 @@ def score_workdir(workdir: str, checkpoint, data_path: str):
   pairs, load_report = data.load_pairs(data_path, d.format, d.on_bad_line)
   mesh_cfg = sharding.host_mesh_config(config.mesh.rules)
   loaded = artifacts.load(workdir, checkpoint, mesh_cfg)
-  enc = pipeline.encode(pairs, loaded.tokenizer, d.max_length, d.truncation)
+  enc = tokenizer_lib.encode(pairs, loaded.tokenizer, d.max_length, d.truncation)
   if not len(enc):
     raise ConfigError(f"{data_path}: no pair left after truncation ({d.truncation}, max_length {d.max_length})")
   mesh, rule_table = sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
@@ -48,7 +49,7 @@ def score_hf_folder(folder: str, data_path: str):
   """The same for an exported HF folder, through score.py's scorer."""
   pairs, load_report = data.load_pairs(data_path)
   scorer = score.load_scorer(folder)
-  enc = pipeline.encode(pairs, scorer.tokenizer, scorer.max_length, "keep_end")
+  enc = tokenizer_lib.encode(pairs, scorer.tokenizer, scorer.max_length, "keep_end")
   if not len(enc):
     raise ConfigError(f"{data_path}: no pair to score")
   r = scorer.score_ids([sides[0] for sides in enc.ids] + [sides[1] for sides in enc.ids])

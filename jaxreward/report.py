@@ -65,7 +65,7 @@ def finish(workdir: str, config, history: MetricsLog, best_step: int, best_rewar
            is_main: bool) -> dict:
   """The summary of a finished run (written to metrics.json by the main process), the gate printed on stdout.
 
-  best_rewards: the best checkpoint's [N, 2] rewards on `validation` (a `pipeline.Encoded`), in pair order.
+  best_rewards: the best checkpoint's [N, 2] rewards on `validation` (a `tokenizer.Encoded`), in pair order.
   facts: what the run measured beside the eval rows (parameters, steps, padding, mesh, wall time, data stats).
   """
   evals = history.evals()

@@ -13,7 +13,7 @@ import numpy as np
 import tqdm
 
 from jaxreward import checkpoint, configuration, corpus, hf, loss, memory, model as model_lib
-from jaxreward import packing, pipeline, preemption, report, sharding, state as state_lib
+from jaxreward import pipeline, preemption, report, sharding, state as state_lib
 from jaxreward import tokenizer as tokenizer_lib
 
 
@@ -27,29 +27,8 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data decisions
+# Mesh, data, model
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def make_plan(config, enc) -> pipeline.TrainPlan:
-  # Packed batches are drawn unsorted: any mix of lengths packs well, while length-sorted batches vary so much
-  # in row count that they need many more row buckets (ETHICS: 16-20% padding instead of 4%).
-  d, t = config.data, config.train
-  return pipeline.TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
-
-
-def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int, process_count: int):
-  """(layout, description) of training batches: packed rows or length buckets (pipeline.py)."""
-  d, t = config.data, config.train
-  if d.packing:
-    layout = packing.PackedLayout(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
-                                  pad_id)
-    pipeline.host_rows(layout.groups, process_index, process_count, "packing groups (data x fsdp x grad_accum_steps)")
-    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
-    return layout, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {layout.row_length}"
-  buckets = pipeline.bucket_lengths(d.max_length, d.num_buckets)
-  pipeline.host_rows(t.batch_size, process_index, process_count)
-  return pipeline.BucketedLayout(buckets, pad_id), f"buckets {buckets}"
 
 
 def total_steps(train_cfg, batches_per_epoch: int) -> int:
@@ -74,9 +53,9 @@ def make_data(config, mesh) -> RunData:
   t, d = config.train, config.data
   prepared = corpus.prepare(config, log)
   pad_id, pid, nproc = prepared.tokenizer.pad_token_id, jax.process_index(), jax.process_count()
-  plan = make_plan(config, prepared.train)
+  plan = pipeline.make_plan(config, prepared.train)
   num_steps = total_steps(t, plan.batches_per_epoch)
-  layout, shapes = make_layout(config, plan, mesh.shape["data"] * mesh.shape["fsdp"], pad_id, pid, nproc)
+  layout, shapes = pipeline.make_layout(config, plan, mesh.shape["data"] * mesh.shape["fsdp"], pad_id, pid, nproc)
   padding_by_epoch = [plan.padding_fraction(e, layout) for e in range(-(-num_steps // plan.batches_per_epoch))]
   log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation pairs; {num_steps} steps "
       f"({plan.batches_per_epoch} per epoch); {shapes}; padding {np.mean(padding_by_epoch):.1%} of token slots")
@@ -119,9 +98,11 @@ def make_mesh(config):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json."""
+  """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json.
+
+  `config` must have passed configuration.validate: main.py runs it once, before any process joins a
+  multi-host job."""
   started = time.time()
-  configuration.validate(config)
   config = config.copy_and_resolve_references()  # The run records derived values (vocab size) in its own copy.
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxreward import corpus, data, packing, pipeline, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import corpus, data, pipeline, tfds_data, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -220,7 +220,7 @@ def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tm
   plan = pipeline.TrainPlan(prepared.train, batch_size=16, sort_window=2, seed=3)
   pad = prepared.tokenizer.pad_token_id
   if packed:
-    layout = packing.PackedLayout(tiny_config.data.max_length, 2, 16, pad)
+    layout = pipeline.PackedLayout(tiny_config.data.max_length, 2, 16, pad)
     layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], 2)
   else:
     layout = pipeline.BucketedLayout(

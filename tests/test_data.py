@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from jaxreward import data, pipeline
+from jaxreward import data, tokenizer
 from jaxreward.configuration import ConfigError
 
 GOOD = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
@@ -232,30 +232,30 @@ CONV = ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "
 
 
 def test_render_plain_template_is_the_documented_one():
-  prompt, body = pipeline.render(*CONV, tok=None)
+  prompt, body = tokenizer.render(*CONV, tok=None)
   assert prompt == "<|user|>\nhi\n<|assistant|>\n" and body == "hello\n"
-  assert pipeline.render("Q", "A", None) == ("Q", "A")
+  assert tokenizer.render("Q", "A", None) == ("Q", "A")
 
 
 def test_render_chat_template_prefix_and_fallback():
-  prompt, body = pipeline.render(*CONV, tok=FakeChatTokenizer(chatml))
+  prompt, body = tokenizer.render(*CONV, tok=FakeChatTokenizer(chatml))
   assert prompt.endswith("<|im_start|>assistant\n") and body == "hello<|im_end|>\n"
   # A generation prompt the whole conversation does not contain: split at the shared prefix, and the scored
   # text is still exactly the template's rendering of the conversation.
   tok = FakeChatTokenizer(lambda m, g: chatml(m, g, think=True))
-  prompt, body = pipeline.render(*CONV, tok=tok)
+  prompt, body = tokenizer.render(*CONV, tok=tok)
   assert prompt + body == chatml(CONV[0] + CONV[1], False) and "hello" in body
 
 
 def test_render_template_that_drops_or_rejects_the_response_is_a_config_error():
   drops = FakeChatTokenizer(lambda m, g: chatml([x for x in m if x["role"] != "assistant"], g))
   with pytest.raises(ConfigError, match="drops the response"):
-    pipeline.render(*CONV, tok=drops)
+    tokenizer.render(*CONV, tok=drops)
 
   def strict(messages, gen):
     raise ValueError("Conversation roles must alternate user/assistant")
   with pytest.raises(ConfigError, match="cannot render the conversation starting 'hi'.*must alternate"):
-    pipeline.render(*CONV, tok=FakeChatTokenizer(strict))
+    tokenizer.render(*CONV, tok=FakeChatTokenizer(strict))
 
 
 # --- the command line ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreward import configuration, model as model_lib, packing, pipeline, sharding, state, synthetic, tokenizer
+from jaxreward import configuration, model as model_lib, pipeline, sharding, state, synthetic, tokenizer
 from tests.conftest import load_config
 
 
@@ -37,8 +37,8 @@ def test_unannotated_large_parameter_is_an_error():
 
 def _run_steps(mesh_config, num_steps=5, packed=False):
   config = load_config("tiny")
-  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
-  enc = pipeline.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
+  tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
+  enc = tokenizer.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
   model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
   mesh = sharding.make_mesh(mesh_config)
   rule_table = sharding.rules(mesh_config)
@@ -46,7 +46,7 @@ def _run_steps(mesh_config, num_steps=5, packed=False):
   trainer = state.Trainer(model_cfg, config.train, mesh, rule_table, num_steps)
   plan = pipeline.TrainPlan(enc, 16, 4, seed=0)
   if packed:  # One packing group per batch shard; the packing itself differs with the mesh, the math must not.
-    layout = packing.PackedLayout(64, mesh.shape["data"] * mesh.shape["fsdp"], 16, tok.pad_token_id)
+    layout = pipeline.PackedLayout(64, mesh.shape["data"] * mesh.shape["fsdp"], 16, tok.pad_token_id)
     layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 4)
   else:
     layout = pipeline.BucketedLayout([32, 64], tok.pad_token_id)

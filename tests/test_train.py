@@ -42,6 +42,8 @@ def test_has_a_pulse(finished_run):
   assert [r["epoch"] for r in epochs] == list(range(len(metrics["padding_fraction_by_epoch"])))
   assert [r["padding_fraction"] for r in epochs] == metrics["padding_fraction_by_epoch"]
   assert metrics["packing"] and 0 <= metrics["padding_fraction"] < 0.5
+  # The same rows as TensorBoard scalars (tests/test_report.py reads such files back).
+  assert [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents.")]
 
 
 def test_best_and_latest_are_both_kept(finished_run):
@@ -94,18 +96,18 @@ def test_bucketed_run_without_packing(tmp_path):
 
 def _one_step(grad_accum_steps, margin=0.0, packed=False):
   from tests.conftest import load_config
-  from jaxreward import model as model_lib, packing, pipeline, sharding, state, synthetic, tokenizer
+  from jaxreward import model as model_lib, pipeline, sharding, state, synthetic, tokenizer
   config = load_config("tiny")
   pairs = synthetic.generate(64, 0)
-  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(pairs), 300)
-  enc = pipeline.encode(pairs, tok, 64, "keep_end")
+  tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(pairs), 300)
+  enc = tokenizer.encode(pairs, tok, 64, "keep_end")
   config.mesh.data = 1
   config.train.grad_accum_steps, config.train.center_rewards_coef = grad_accum_steps, 0.0
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   trainer = state.Trainer(model_lib.ModelConfig.from_config(config.model, len(tok)), config.train, mesh, rule_table,
                           10)
   if packed:  # One packing group per microbatch: the rows differ with grad_accum_steps, the update must not.
-    batch = packing.PackedLayout(64, grad_accum_steps, 16, tok.pad_token_id).collate(enc, np.arange(16), np.ones(16))
+    batch = pipeline.PackedLayout(64, grad_accum_steps, 16, tok.pad_token_id).collate(enc, np.arange(16), np.ones(16))
   else:
     batch = pipeline.collate(enc, np.arange(16), np.ones(16), [32, 64], tok.pad_token_id)
   batch = batch.replace(margin_GxB=np.full_like(batch.margin_GxB, margin))

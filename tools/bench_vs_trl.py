@@ -61,7 +61,7 @@ def _peak_rss_mib() -> float:
 
 
 def _prepare(config, workdir: str) -> dict:
-  from jaxreward import corpus, data, pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxreward import corpus, data, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   pairs, _ = data.load_pairs(_DATA.value, "auto", "skip")
   pairs, _ = corpus.deduplicate(pairs)
   batch = config.train.batch_size
@@ -69,9 +69,9 @@ def _prepare(config, workdir: str) -> dict:
   if n == 0:
     raise app.UsageError(f"{_DATA.value}: {len(pairs)} pairs, fewer than one batch of {batch}")
   pairs = pairs[:n]
-  tok = tokenizer_lib.train_bpe(pipeline.texts_for_tokenizer(pairs), config.data.vocab_size)
+  tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(pairs), config.data.vocab_size)
   tok.save_pretrained(os.path.join(workdir, "tokenizer"))
-  enc = pipeline.encode(pairs, tok, config.data.max_length, "keep_end")
+  enc = tokenizer_lib.encode(pairs, tok, config.data.max_length, "keep_end")
   with open(os.path.join(workdir, "ids.json"), "w") as f:
     json.dump([[a.tolist(), b.tolist()] for a, b in enc.ids], f)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -172,17 +172,17 @@ def _summarise(ends: list, start: float, padded: int, real: int, setup_s: float,
 def _jax_child(workdir: str) -> dict:
   began = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxreward import model as model_lib, pipeline, sharding, state, train  # pylint: disable=g-import-not-at-top
+  from jaxreward import model as model_lib, pipeline, sharding, state  # pylint: disable=g-import-not-at-top
   from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   config, ids = _load_workdir(workdir)
   t = config.train
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-  enc = pipeline.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  plan = train.make_plan(config, enc)
+  enc = tokenizer_lib.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
+  plan = pipeline.make_plan(config, enc)
   num_steps = plan.batches_per_epoch
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  layout, _ = train.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
+  layout, _ = pipeline.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
   model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
   trainer = state.Trainer(model_cfg, t, mesh, rule_table, num_steps)
   jax.block_until_ready(trainer.state)
