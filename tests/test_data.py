@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from jaxreward import data, tokenizer
+from jaxreward import data
 from jaxreward.configuration import ConfigError
 
 GOOD = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
@@ -204,58 +204,6 @@ def test_bad_file_is_one_line_error(tmp_path, case, problem):
   with pytest.raises(ConfigError, match=problem) as e:
     data.load_pairs(path, on_bad_line="skip")
   assert path in str(e.value) and "\n" not in str(e.value)
-
-
-# --- render -------------------------------------------------------------------------------------------------
-
-
-class FakeChatTokenizer:
-  """apply_chat_template with a pluggable renderer: lets each template quirk be tested in isolation."""
-
-  chat_template = "fake"
-  name_or_path = "fake"
-
-  def __init__(self, renderer):
-    self.renderer = renderer
-
-  def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-    assert not tokenize
-    return self.renderer(messages, add_generation_prompt)
-
-
-def chatml(messages, gen, think=False):
-  text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-  return text + ("<|im_start|>assistant\n" + ("<think></think>" if think else "") if gen else "")
-
-
-CONV = ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
-
-
-def test_render_plain_template_is_the_documented_one():
-  prompt, body = tokenizer.render(*CONV, tok=None)
-  assert prompt == "<|user|>\nhi\n<|assistant|>\n" and body == "hello\n"
-  assert tokenizer.render("Q", "A", None) == ("Q", "A")
-
-
-def test_render_chat_template_prefix_and_fallback():
-  prompt, body = tokenizer.render(*CONV, tok=FakeChatTokenizer(chatml))
-  assert prompt.endswith("<|im_start|>assistant\n") and body == "hello<|im_end|>\n"
-  # A generation prompt the whole conversation does not contain: split at the shared prefix, and the scored
-  # text is still exactly the template's rendering of the conversation.
-  tok = FakeChatTokenizer(lambda m, g: chatml(m, g, think=True))
-  prompt, body = tokenizer.render(*CONV, tok=tok)
-  assert prompt + body == chatml(CONV[0] + CONV[1], False) and "hello" in body
-
-
-def test_render_template_that_drops_or_rejects_the_response_is_a_config_error():
-  drops = FakeChatTokenizer(lambda m, g: chatml([x for x in m if x["role"] != "assistant"], g))
-  with pytest.raises(ConfigError, match="drops the response"):
-    tokenizer.render(*CONV, tok=drops)
-
-  def strict(messages, gen):
-    raise ValueError("Conversation roles must alternate user/assistant")
-  with pytest.raises(ConfigError, match="cannot render the conversation starting 'hi'.*must alternate"):
-    tokenizer.render(*CONV, tok=FakeChatTokenizer(strict))
 
 
 # --- the command line ---------------------------------------------------------------------------------------
