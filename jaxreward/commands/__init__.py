@@ -24,7 +24,7 @@ def parse(flag_values: flags.FlagValues, argv: list[str] | None, usage: str) -> 
     return configuration.EXIT_OK
   flag_values.unparse_flags()  # Earlier calls in this process must not leave their values behind.
   try:
-    return flag_values([usage.split()[0]] + argv)[1:]
+    return flag_values(["jaxreward"] + argv)[1:]
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return configuration.EXIT_BAD_INPUT
