@@ -19,7 +19,7 @@ In Python (e.g. inside an RL loop):
   r_N = score(prompts, responses)                   # raw float32 rewards, shape [N]
   z_N = score(prompts, responses, normalized=True)
 
-Sequences are tokenized exactly as in training (prompt + response + EOS via `tokenizer_lib.encode`; longer
+Sequences are tokenized exactly as in training (prompt + response + EOS via `tokenizer.encode`; longer
 ones keep their end), sorted by length, and padded to a few fixed (rows, length) shapes, so repeated
 calls reuse a handful of compiled programs instead of compiling one per call.
 """
@@ -102,7 +102,7 @@ class Scorer:
     """Token ids as training builds them (keep_end truncation: scoring never drops a row)."""
     if len(prompts) != len(responses):
       raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    # tokenizer_lib.encode is the single source of truth for tokenization; a pair of (response, response)
+    # tokenizer.encode is the single source of truth for tokenization; a pair of (response, response)
     # costs a second tokenization of the response but can never drift from training.
     pairs = [data.Pair(p, r, r) for p, r in (_as_sides(p, r) for p, r in zip(prompts, responses))]
     enc = tokenizer_lib.encode(pairs, self.tokenizer, self.max_length, "keep_end")
