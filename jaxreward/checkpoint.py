@@ -10,7 +10,10 @@ memory of the whole state). Work dirs written before the split hold one `state` 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,6 +22,46 @@ from orbax.checkpoint import checkpoint_managers as managers
 from jaxreward.configuration import ConfigError
 
 BEST_METRIC = "val_accuracy"
+DAMAGED = "checkpoints.damaged"  # Beside checkpoints/: damaged steps set aside by a fallback (orbax never lists it).
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint that cannot be written or read, as one line naming its folder."""
+
+
+_OS_REASONS = re.compile(r"No space left on device|File too large|Disk quota exceeded|Read-only file system|"
+                         r"Permission denied|Input/output error")
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  reason = _OS_REASONS.search(text)
+  if reason:
+    return reason.group(0)
+  text = text.split(" See full TensorStore details")[0]  # The rest is the store's whole spec.
+  return text if len(text) <= 300 else text[:300] + "..."
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's own error logs (whole tracebacks from its writer threads): the failure reaches the user
+  once, as the CheckpointError raised from save, wait or restore."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and ("orbax" in record.pathname or "orbax" in record.getMessage()))
+
+
+for _name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for orbax's write tasks.
+  logging.getLogger(_name).addFilter(_QuietOrbax())
+_unraisable = sys.unraisablehook
+
+
+def _quiet_closed_loop(unraisable):
+  """After a failed save, tensorstore's callbacks find orbax's event loop closed, once per pending write."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+    _unraisable(unraisable)
+
+
+sys.unraisablehook = _quiet_closed_loop
 
 
 class Checkpointer:
@@ -30,7 +73,11 @@ class Checkpointer:
             managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best),
         ]),
         best_fn=lambda m: m[BEST_METRIC], best_mode="max", enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving = None  # The step of a save that may still be in flight.
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types for a folder it cannot use)
+      raise CheckpointError(f"{self.directory}: cannot open the checkpoints ({_one_line(e)})") from None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -61,23 +108,34 @@ class Checkpointer:
     ranked as best.
     """
     optimizer = {"step": state["step"], "opt_state": state["opt_state"]}
-    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
-                                                    optimizer=ocp.args.StandardSave(optimizer),
-                                                    data=ocp.args.JsonSave(data_state)),
-                      metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()}, force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                                                      optimizer=ocp.args.StandardSave(optimizer),
+                                                      data=ocp.args.JsonSave(data_state)),
+                        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()}, force=True)
+    except Exception as e:  # pylint: disable=broad-except  (also an earlier background save's failure)
+      self._failed(f"saving step {step}" if self._saving is None else f"saving step {self._saving} or {step}", e)
+    self._saving = step
 
   def restore(self, step: int, target_state):
     """(state, data state) onto `target_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    if self._single_item(step):
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                    data=ocp.args.JsonRestore()))
-      return restored["state"], restored["data"]
-    optimizer = {"step": abstract["step"], "opt_state": abstract["opt_state"]}
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
-        data=ocp.args.JsonRestore()))
-    return dict(restored["optimizer"], params=restored["params"]), restored["data"]
+    try:
+      if self._single_item(step):
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      data=ocp.args.JsonRestore()))
+        state = restored["state"]
+      else:
+        optimizer = {"step": abstract["step"], "opt_state": abstract["opt_state"]}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
+            data=ocp.args.JsonRestore()))
+        state = dict(restored["optimizer"], params=restored["params"])
+    except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
+      raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
+    if not isinstance(restored["data"], dict) or not restored["data"]:
+      raise CheckpointError(f"{self.directory}/{step}: unreadable (empty data iterator state)")
+    return state, restored["data"]
 
   def restore_params(self, step: int, target_params, make_target_state=None):
     """The parameters alone onto `target_params` (arrays or ShapeDtypeStructs with shardings). A work dir from
@@ -88,16 +146,75 @@ class Checkpointer:
         raise ConfigError(f"{self.directory}/{step}: an old single-item checkpoint; load it with "
                           "artifacts.load, which rebuilds the optimizer state it was saved with")
       return self.restore(step, make_target_state())[0]["params"]
-    return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
+      raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
 
   def _single_item(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), "state"))
 
+  def restore_latest(self, target_state, accept, log):
+    """(step, state, data state) of the newest step that reads back and that `accept(data state)` takes.
+
+    Damaged newer steps are named in a warning and moved to `<workdir>/checkpoints.damaged/` (process 0), so
+    the resumed run can save those steps again. (None, target_state, None) when there is no step at all;
+    CheckpointError when none is usable.
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(step, target_state)
+        try:
+          accept(data)
+        except Exception as e:  # pylint: disable=broad-except  (grain raises many types for a bad state)
+          raise CheckpointError(f"{self.directory}/{step}: unreadable data iterator state ({_one_line(e)})") from None
+      except CheckpointError as e:
+        problems.append(str(e))
+        log(f"warning: {e}; falling back to the previous step")
+        continue
+      if problems:
+        self._set_aside([s for s in self.all_steps() if s > step])
+      return step, state, data
+    if problems:
+      raise CheckpointError(f"no usable checkpoint: {'; '.join(problems)}; move {self.directory} away to start over")
+    return None, target_state, None
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
+      os.makedirs(damaged, exist_ok=True)
+      for step in steps:
+        target, n = os.path.join(damaged, str(step)), 1
+        while os.path.exists(target):  # The same step may be damaged again in a later attempt.
+          target, n = os.path.join(damaged, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoint fallback")
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (a background save's failure surfaces here)
+      self._failed(f"saving step {self._saving}", e)
+    self._saving = None
+
+  def _failed(self, what: str, error: BaseException):
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except  (the first failure is the one to report)
+      pass
+    raise CheckpointError(f"{self.directory}: {what} failed ({_one_line(error)}); free space or fix the folder, "
+                          "then re-run the same command: it resumes from the last complete checkpoint") from None
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{self.directory}: finishing the last save failed ({_one_line(e)}); free space or "
+                            "fix the folder, then re-run the same command") from None
 
 
 def parse_which(text: str) -> str | int:

@@ -6,6 +6,8 @@ documents each field. `validate` turns a bad value into a one-line `ConfigError`
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 
 import ml_collections
@@ -61,7 +63,10 @@ def defaults() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters and Adam state stay param_dtype).
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.remat = False  # Recompute blocks in the backward pass: less activation memory, ~30% more compute.
-  m.attention = "xla"  # xla (any backend) or cudnn (fused flash attention on NVIDIA GPUs, bf16 only).
+  # auto: cudnn on NVIDIA GPUs (bf16, unpacked rows; else xla), splash on TPU, blockwise on CPU. xla: the dense
+  # reference (fp32 [rows, heads, L, L] logits); cudnn: fused, NVIDIA, bf16; splash: Pallas TPU kernel;
+  # blockwise: flash attention in plain JAX (any backend; the CPU choice). See jaxreward/attention.py.
+  m.attention = "auto"
 
   c.train = t = ml_collections.ConfigDict()
   t.seed = 0  # Seeds the split, shuffling and initialisation.
@@ -88,6 +93,9 @@ def defaults() -> ml_collections.ConfigDict:
   t.max_steps_per_run = 0  # Stop (with a checkpoint) after this many steps of one invocation; 0 = run to the end.
   t.compilation_cache = ""  # Folder for XLA's persistent compilation cache; "" disables.
   t.progress_bar = True  # tqdm bar with running loss and accuracy.
+  # auto: a re-run of a work dir resumes only when it is the same run (rundir.py: model, tokenizer, data files,
+  # split, data order, optimizer) and refuses otherwise; force: resume anyway, the differences go into the card.
+  t.resume = "auto"
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # Data-parallel replicas; -1 takes the devices the other axes leave.
@@ -135,9 +143,10 @@ _CHOICES = {
     ("data", "truncation"): ("keep_end", "drop"),
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
-    ("model", "attention"): ("xla", "cudnn"),
+    ("model", "attention"): ("auto", "xla", "cudnn", "splash", "blockwise"),
     ("train", "schedule"): ("cosine", "linear", "constant"),
     ("train", "nan_policy"): ("stop", "skip"),
+    ("train", "resume"): ("auto", "force"),
     ("distributed", "initialize"): ("auto", "yes", "no"),
 }
 _POSITIVE = [("data", "max_length"), ("data", "num_buckets"), ("data", "sort_window"), ("data", "vocab_size"),
@@ -148,8 +157,59 @@ _POSITIVE = [("data", "max_length"), ("data", "num_buckets"), ("data", "sort_win
 _SECTIONS = ("data", "model", "train", "mesh", "distributed", "gate")
 
 
+def known_keys() -> list[str]:
+  reference = defaults()
+  return [f"{section}.{key}" for section in _SECTIONS for key in reference[section].keys()]
+
+
+def unknown_key(path: str) -> str:
+  """The one-line complaint about a setting that does not exist, with the closest real ones."""
+  close = difflib.get_close_matches(path, known_keys(), n=3, cutoff=0.6)
+  if not close:  # "train.save_every" is far from "train.eval_every" as a whole but close in its last part.
+    leaf = path.rsplit(".", 1)[-1]
+    close = [k for k in known_keys() if k.rsplit(".", 1)[-1] in difflib.get_close_matches(
+        leaf, [k.rsplit(".", 1)[-1] for k in known_keys()], n=3, cutoff=0.6)][:3]
+  return f"config: unknown key {path}" + (f"; did you mean {' or '.join(close)}?" if close else
+                                          "; jaxreward/configuration.py lists every setting")
+
+
+def check_overrides(argv) -> None:
+  """Names an unknown `--config.SECTION.KEY=` override before absl does (it says only the last part)."""
+  known = set(known_keys())
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and "=" in arg:
+      path = arg[len("--config."):].split("=", 1)[0]
+      if path not in known and path not in _SECTIONS:
+        raise ConfigError(unknown_key(path))
+
+
+def _check_type(path: str, value, default) -> None:
+  """A value of another type than its default's fails here rather than deep inside the run."""
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and not math.isfinite(value):
+      raise ConfigError(f"config: {path}={value!r}; expected a finite number")
+  elif isinstance(default, str):
+    ok = isinstance(value, str)
+  elif isinstance(default, (list, tuple)):
+    ok = isinstance(value, (list, tuple))
+  else:
+    return
+  if not ok:
+    expected = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
+        type(default), "a list")
+    raise ConfigError(f"config: {path}={value!r} ({type(value).__name__}); expected {expected}")
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the key and what was expected; never touches a device."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config: get_config() returned a {type(config).__name__}; expected an "
+                      "ml_collections.ConfigDict (start from configuration.defaults())")
   for section in config.keys():
     if section not in _SECTIONS:
       raise ConfigError(f"config: unknown section {section!r}; expected one of {', '.join(_SECTIONS)}")
@@ -157,9 +217,17 @@ def validate(config) -> None:
   for section in _SECTIONS:
     if section not in config:
       raise ConfigError(f"config: missing section {section!r}")
+    if not isinstance(config[section], ml_collections.ConfigDict):
+      raise ConfigError(f"config: {section} is a {type(config[section]).__name__}; expected a section of settings")
     for key in config[section].keys():
       if key not in reference[section]:
-        raise ConfigError(f"config: unknown key {section}.{key}")
+        raise ConfigError(unknown_key(f"{section}.{key}"))
+    for key in reference[section].keys():
+      if key not in config[section]:
+        raise ConfigError(f"config: missing key {section}.{key} (start from configuration.defaults())")
+      _check_type(f"{section}.{key}", config[section][key], reference[section][key])
+  if config.model.rope_scaling is not None and not isinstance(config.model.rope_scaling, dict):
+    raise ConfigError(f"config: model.rope_scaling={config.model.rope_scaling!r}; expected None or a dict")
   for (section, key), allowed in _CHOICES.items():
     if config[section][key] not in allowed:
       raise ConfigError(f"config: {section}.{key}={config[section][key]!r}; expected one of {', '.join(allowed)}")

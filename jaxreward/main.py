@@ -22,11 +22,11 @@ def main(argv):
   try:
     config = _CONFIG.value
     config.keys()  # A config file that failed to load only says so when first used.
-  except (OSError, AttributeError, SyntaxError, ImportError) as e:
-    print(f"error: bad config: {one_line(e)}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  (a config file's get_config may raise anything)
+    print(f"error: bad config {flags.FLAGS['config'].config_filename}: {type(e).__name__}: {one_line(e)}",
+          file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
   try:
-    configuration.validate(config)
     sharding.initialize_processes(config.distributed)
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except configuration.ConfigError as e:
@@ -35,6 +35,11 @@ def main(argv):
   except train.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(configuration.EXIT_CRASH)
+  except OSError as e:  # Writing the work dir: disk full, quota, read-only, permissions.
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or one_line(e)}; free space or fix the folder, then re-run the same command "
+          "(it resumes from the last complete checkpoint)", file=sys.stderr)
+    sys.exit(configuration.EXIT_BAD_INPUT)
   if summary.get("preempted"):
     sys.exit(configuration.EXIT_PREEMPTED)
   sys.exit(configuration.EXIT_OK if summary["gate_pass"] else configuration.EXIT_GATE_FAILED)
@@ -48,13 +53,35 @@ def one_line(error: Exception) -> str:
 def parse_flags(argv):
   """absl's parser, with a bad config file or override reported as one line instead of a traceback."""
   try:
+    configuration.check_overrides(argv)
     return flags.FLAGS(argv)
+  except configuration.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(configuration.EXIT_BAD_INPUT)
   except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
-    message = one_line(e)
+    message = one_line(_without_traceback(str(e)))
+  except Exception as e:  # pylint: disable=broad-except  (a config file runs arbitrary code while parsed)
+    message = f"{_config_file(argv)}: {type(e).__name__}: {one_line(e)}"
   print(f"error: bad flags or config: {message}", file=sys.stderr)
   sys.exit(configuration.EXIT_BAD_INPUT)
+
+
+def _config_file(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _CONFIG.default if hasattr(_CONFIG, "default") else "config file"
+
+
+def _without_traceback(message: str) -> str:
+  """absl pastes a config file's whole traceback into its error; keep the head and the exception's line."""
+  head, sep, tail = message.partition("Traceback (most recent call last):")
+  if not sep:
+    return message
+  last = [line for line in tail.splitlines() if line.strip()][-1:]
+  return head.strip() + " " + " ".join(last)
 
 
 def run() -> None:

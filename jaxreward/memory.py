@@ -19,7 +19,7 @@ import math
 import numpy as np
 from flax import nnx
 
-from jaxreward import model as model_lib, sharding
+from jaxreward import attention, model as model_lib, sharding
 
 GiB = 1 << 30
 # Per-chip memory. XLA needs room for its own buffers and fragmentation, so a run "fits" when the estimate
@@ -71,15 +71,16 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length:
   """(bytes a block saves per token for its backward pass, bytes of its block input) under `tensor`-way TP.
 
   Counted per token and block: two RMSNorms (fp32 upcast + output), q/k/v and their fp32 RoPE copies,
-  the attention output, o-projection, the SwiGLU gate/up/product and down projection; plus, for the 'xla'
-  attention, the L x L logits and fp32 probabilities of this token's row (flash attention keeps none).
+  the attention output, o-projection, the SwiGLU gate/up/product and down projection; plus, when the attention
+  resolves to 'xla' on this platform (attention.resolve), the L x L logits and fp32 probabilities of this token's
+  row (the fused and blockwise kernels keep none).
   Head, MLP and vocabulary widths split over the tensor axis; the residual stream D does not.
   """
   b = np.dtype(cfg.dtype).itemsize
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   nh, kh, ft, nt = n * h / tensor, k * h / tensor, f / tensor, n / tensor
   saved = b * (2 * d + (nh + 2 * kh) + nh + d + 3 * ft + d) + 4 * (2 * d + (nh + kh))
-  if cfg.attention == "xla":
+  if attention.resolve(cfg.attention, cfg.dtype, packed=False) == "xla":
     saved += nt * length * (4 + b)
   return int(saved), int(b * d)
 

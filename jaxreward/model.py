@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxreward import attention
+
 # Logical axis names; `configs/*.py` map them to mesh axes.
 VOCAB, EMBED, HEADS, KV_HEADS, MLP, NORM, SCORE = "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "score"
 
@@ -40,7 +42,7 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype; parameters stay in param_dtype.
   param_dtype: str = "float32"
   remat: bool = False  # Recompute each block in the backward pass to save activation memory.
-  attention: str = "xla"  # 'xla' everywhere, 'cudnn' for flash attention on NVIDIA GPUs.
+  attention: str = "auto"  # One of attention.IMPLEMENTATIONS; auto picks the platform's fused kernel.
   init_std: float = 0.02
 
   @classmethod
@@ -145,14 +147,9 @@ class Attention(nnx.Module):
     q_BxLxNxH = apply_rope(q_BxLxNH.reshape(b, l, cfg.num_heads, cfg.head_dim), positions_BxL, inv_freq_H2)
     k_BxLxKxH = apply_rope(k_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim), positions_BxL, inv_freq_H2)
     v_BxLxKxH = v_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-    # Sequences are right-padded and the reward is read at the last real token, so a causal mask alone
-    # keeps padding out of every position that matters. Packed rows hold several sequences: a token also
-    # sees only its own segment (padding is segment 0 and sees itself, so no softmax row is empty).
-    mask_Bx1xLxL = None
-    if segments_BxL is not None:
-      mask_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
-                                               implementation=None if cfg.attention == "xla" else cfg.attention)
+    # Sequences are right-padded and the reward is read at the last real token, so the causal rule alone
+    # keeps padding out of every position that matters; packed rows add the segment rule (attention.py).
+    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, cfg.attention)
     return jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt))
 
 

@@ -151,6 +151,7 @@ def model_card(summary: dict, config, gate_text: str, analysis_markdown: str = "
       f"({t.warmup_steps} warmup, {t.schedule} decay), weight decay {t.weight_decay}, clip {t.grad_clip_norm}, "
       f"seed {t.seed}",
       f"- mesh {s['mesh']}; wall time {s['wall_time_s']:.0f} s", "",
+      *_forced_resumes(s.get("forced_resumes")),
       "## Results (best checkpoint by validation accuracy)", "",
       "| metric | value |", "|---|---|",
       f"| best step | {s['best_step']} |",
@@ -171,6 +172,18 @@ def model_card(summary: dict, config, gate_text: str, analysis_markdown: str = "
       "```", "",
   ]
   return "\n".join(lines)
+
+
+def _forced_resumes(forced) -> list[str]:
+  """Card lines for resumes forced past a changed setting or file (`train.resume=force`, rundir.py)."""
+  if not forced:
+    return []
+  lines = ["## Forced resumes", "",
+           "This run was continued by force under other settings or files than it started with: the steps before "
+           "each resume were trained under the earlier ones, so the results below describe neither alone.", ""]
+  for f in forced:
+    lines.append(f"- at step {f['step']} ({f['at']}): " + "; ".join(f["differences"]))
+  return lines + [""]
 
 
 # ---------------------------------------------------------------------------------------------------------------

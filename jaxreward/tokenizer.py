@@ -33,7 +33,14 @@ def train_bpe(texts, vocab_size: int) -> transformers.PreTrainedTokenizerFast:
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
 
 
+# A folder with none of these has no tokenizer (transformers would then blame a missing sentencepiece).
+_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load(path: str) -> transformers.PreTrainedTokenizerBase:
+  if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _FILES):
+    raise ConfigError(f"tokenizer: {path} has no tokenizer files ({', '.join(_FILES[:3])}, ...); add them, or point "
+                      "data.tokenizer at a folder that has them")
   try:
     tok = transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:  # transformers raises many types for a folder it cannot read.

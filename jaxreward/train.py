@@ -13,7 +13,7 @@ import numpy as np
 import tqdm
 
 from jaxreward import checkpoint, configuration, corpus, hf, loss, memory, model as model_lib
-from jaxreward import pipeline, preemption, report, sharding, state as state_lib
+from jaxreward import pipeline, preemption, preflight, report, rundir, sharding, state as state_lib
 from jaxreward import tokenizer as tokenizer_lib
 
 
@@ -51,6 +51,8 @@ class RunData:
 
 def make_data(config, mesh) -> RunData:
   t, d = config.train, config.data
+  if config.model.init_from:
+    preflight.check_init_from(config, log)
   prepared = corpus.prepare(config, log)
   pad_id, pid, nproc = prepared.tokenizer.pad_token_id, jax.process_index(), jax.process_count()
   plan = pipeline.make_plan(config, prepared.train)
@@ -100,8 +102,14 @@ def make_mesh(config):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json.
 
-  `config` must have passed configuration.validate: main.py runs it once, before any process joins a
-  multi-host job."""
+  The config is validated (once: main.py leaves it to this) and the work dir checked and locked first
+  (rundir.py): a refused run changes nothing in it."""
+  configuration.validate(config)
+  with rundir.open_run(workdir, config.copy_and_resolve_references(), log) as run_dir:
+    return _train_and_evaluate(config, workdir, run_dir)
+
+
+def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
   started = time.time()
   config = config.copy_and_resolve_references()  # The run records derived values (vocab size) in its own copy.
   if config.train.compilation_cache:
@@ -115,11 +123,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = make_data(config, mesh)
   tok, plan, num_steps, padding_by_epoch = data.prepared.tokenizer, data.plan, data.num_steps, data.padding_by_epoch
   model_cfg = model_config(config, tok)
+  preflight.check_memory(config, model_cfg, dict(mesh.shape), log)
   trainer = state_lib.Trainer(model_cfg, t, mesh, rule_table, num_steps)
   num_params = trainer.num_parameters()
   log(f"model: {num_params:,} parameters; mesh {sharding.describe(mesh)}; "
       f"{sharding.per_device_bytes(trainer.state) / 2**20:.1f} MiB of parameters + optimizer state per device")
   log(memory.render(memory.from_config(config, model_cfg, dict(mesh.shape))))
+  run_dir.record()
   if is_main:
     tokenizer_lib.save(tok, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -128,10 +138,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
   start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, data.layout, jax.process_index(), nproc))
-  if ckpt.latest_step() is not None:
-    start_step = ckpt.latest_step()
-    trainer.state, data_state = ckpt.restore(start_step, trainer.state)
-    iterator.set_state(data_state)
+  restored_step, trainer.state, _ = ckpt.restore_latest(trainer.state, iterator.set_state, log)
+  if restored_step is not None:
+    start_step = restored_step
     log(f"resumed from step {start_step} in {ckpt.directory}")
   elif config.model.init_from:
     trainer.state["params"] = hf.load_params(config.model.init_from, trainer.state["params"])
@@ -163,9 +172,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     m = loss.finalize(host) | {k: float(host[k]) for k in ("grad_norm", "learning_rate")}
     if host["skipped"]:
       if t.nan_policy == "stop":
+        ckpt.wait()  # Commits a save still in flight before the run ends.
+        last = ckpt.latest_step()
+        ckpt.close()
         raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
-                            f"the checkpoints in {ckpt.directory} are intact (lower train.learning_rate, or "
-                            "train.nan_policy=skip)")
+                            f"the last checkpoint (step {last}) in {ckpt.directory} is intact: lower "
+                            "train.learning_rate in a new --workdir or continue it with "
+                            "--config.train.resume=force; or set train.nan_policy=skip")
       skipped_steps.append(step)
       log(f"step {step}: non-finite loss or gradient; update skipped ({len(skipped_steps)} so far)")
       bar.update(1)
@@ -221,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
            "latest_step": ckpt.latest_step(), "padding_fraction": float(np.mean(padding_by_epoch)),
            "padding_fraction_by_epoch": padding_by_epoch,
            "packing": config.data.packing, "mesh": sharding.describe(mesh), "wall_time_s": time.time() - started,
-           "skipped_steps": skipped_steps, **data.prepared.stats}
+           "skipped_steps": skipped_steps, "forced_resumes": run_dir.forced_resumes, **data.prepared.stats}
   summary = report.finish(workdir, config, history, best_step, best_rewards, data.prepared.validation, facts, is_main)
   history.close()
   ckpt.close()

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from jaxreward import configuration
@@ -69,3 +70,48 @@ def test_cli_bad_value_exits_2_with_one_line(tmp_path):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "train.schedule" in errors[0] and "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()  # Failed before any compute or output.
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "learning_rate", float("inf"), "train.learning_rate=inf; expected a finite number"),
+    ("train", "adam_eps", float("nan"), "train.adam_eps=nan; expected a finite number"),
+    ("train", "num_steps", None, "train.num_steps=None (NoneType); expected an integer"),
+    ("train", "batch_size", 16.0, "train.batch_size=16.0 (float); expected an integer"),
+    ("data", "packing", "yes", "data.packing='yes' (str); expected True or False"),
+    ("data", "train_path", 3, "data.train_path=3 (int); expected a string"),
+])
+def test_wrong_types_none_and_non_finite_numbers(section, key, value, message):
+  config = load_config("tiny").to_dict()
+  config[section][key] = value
+  with pytest.raises(configuration.ConfigError) as err:
+    configuration.validate(ml_collections.ConfigDict(config))
+  assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_override_names_the_closest_keys():
+  with pytest.raises(configuration.ConfigError, match=r"unknown key train.save_every; did you mean train.eval_every"):
+    configuration.check_overrides(["main", "--config.train.save_every=5"])
+  with pytest.raises(configuration.ConfigError, match=r"unknown key trian.seed; did you mean train.seed"):
+    configuration.check_overrides(["main", "--config.trian.seed=1"])
+  configuration.check_overrides(["main", "--config.train.eval_every=5", "--config.mesh.rules=[]"])
+
+
+@pytest.mark.parametrize("body,args,message", [
+    ("def get_config():\n  raise RuntimeError('boom')\n", [], "RuntimeError: boom"),
+    ("from jaxreward import configuration\ndef get_config():\n  c = configuration.defaults()\n"
+     "  c.train.batch_size = '32'\n  return c\n", [], "TypeError: Could not override field 'batch_size'"),
+    ("def get_config():\n  return {'train': {}}\n", [], "get_config() returned a dict"),
+    (None, ["--config.train.save_every=5"], "unknown key train.save_every; did you mean train.eval_every"),
+    (None, ["--config.train.learning_rate=inf"], "train.learning_rate=inf; expected a finite number"),
+])
+def test_cli_config_problems_are_one_line_exit_2(tmp_path, body, args, message):
+  config = ROOT / "configs" / "tiny.py"
+  if body is not None:
+    config = tmp_path / "bad_config.py"
+    config.write_text(body)
+  result = subprocess.run([sys.executable, "-m", "jaxreward.main", "--config", str(config), "--workdir",
+                           str(tmp_path / "run"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == configuration.EXIT_BAD_INPUT, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -10,7 +10,7 @@ from jaxreward import memory, model as model_lib, optimizer, presets, sharding, 
 from tests.conftest import ROOT, load_config
 
 CFG = model_lib.ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                            mlp_dim=96, tie_embeddings=False)
+                            mlp_dim=96, tie_embeddings=False, attention="xla")
 
 
 def shard_bytes(tree, min_ndim=0):

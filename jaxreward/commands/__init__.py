@@ -30,6 +30,6 @@ def parse(flag_values: flags.FlagValues, argv: list[str] | None, usage: str) -> 
     return configuration.EXIT_BAD_INPUT
 
 
-def fail(error: Exception) -> int:
+def fail(error) -> int:
   print(f"error: {error}", file=sys.stderr)
   return configuration.EXIT_BAD_INPUT

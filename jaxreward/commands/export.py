@@ -4,8 +4,9 @@ Exports a jaxreward work dir as a transformers reward model (`*ForSequenceClassi
 model.safetensors (`model.*` + `score.weight` [1, hidden]), the tokenizer, the work dir's README.md model card
 and reward_normalization.json (validation reward mean/std). Then
 `AutoModelForSequenceClassification.from_pretrained(OUT)` scores as jaxreward does. SOURCE may also be a
-checkpoint folder inside a work dir (`<workdir>/checkpoints/<step>`), which selects that step.
-Exit codes: 0 written, 2 bad input (one line on stderr).
+checkpoint folder inside a work dir (`<workdir>/checkpoints/<step>`), which selects that step. OUT must be
+new or empty, or `--overwrite` replaces it whole (written beside it first, then renamed into place); it is never
+a work dir. Exit codes: 0 written, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 
 from absl import flags
 
-from jaxreward import artifacts, checkpoint, commands, configuration, hf
+from jaxreward import artifacts, checkpoint, commands, configuration, hf, outputs
 from jaxreward.configuration import ConfigError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", "best", "best | latest | STEP", flag_values=FLAGS)
+flags.DEFINE_boolean("overwrite", False, "replace a non-empty output folder", flag_values=FLAGS)
 flags.DEFINE_enum("model_type", None, ["llama", "qwen2", "mistral"],
                   "HF family to write; default: the init_from model's, else llama (qwen2 with q/k/v bias)",
                   flag_values=FLAGS)
@@ -48,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"expected SOURCE and OUT, got {rest}")
     source, out = rest
     workdir, which = resolve(source, checkpoint.parse_which(FLAGS.checkpoint))
+    outputs.check_folder(out, FLAGS.overwrite, sources=(workdir,))
     loaded = artifacts.load(workdir, which)
-    hf.export(loaded, loaded.tokenizer, out, model_type=FLAGS.model_type)
+    with outputs.replaced_folder(out) as partial:
+      hf.export(loaded, loaded.tokenizer, partial, model_type=FLAGS.model_type)
   except ConfigError as e:
     return commands.fail(e)
+  except OSError as e:
+    return commands.fail(f"{out}: {e.strerror or e}")
   print(f"wrote {out} (step {loaded.step} of {workdir})")
   return configuration.EXIT_OK
 

@@ -13,7 +13,7 @@ import sys
 
 from absl import flags
 
-from jaxreward import checkpoint, commands, configuration, score
+from jaxreward import checkpoint, commands, configuration, outputs, score
 from jaxreward.configuration import ConfigError
 
 FLAGS = flags.FlagValues()
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"unexpected arguments {rest}")
     which = checkpoint.parse_which(FLAGS.checkpoint)
     score.check_model_path(FLAGS.model)
+    outputs.check_file(FLAGS.out)
+    if os.path.exists(FLAGS.out) and os.path.samefile(FLAGS.out, FLAGS.data):
+      raise ConfigError(f"--out {FLAGS.out} is the --data file; write the scores elsewhere")
     score.read_rows(FLAGS.data)  # Fail on a bad file before spending time loading the model.
     scorer = score.load_scorer(FLAGS.model, which, FLAGS.max_length)
     out, summary = score.score_file(scorer, FLAGS.data)
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
       f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out)
   except ConfigError as e:
     return commands.fail(e)
+  except OSError as e:
+    return commands.fail(f"--out {FLAGS.out}: {e.strerror or e}")
   if summary.get("normalized_mean") is None:
     print(f"warning: {FLAGS.model} has no saved validation reward mean/std; reward_normalized is null",
           file=sys.stderr)

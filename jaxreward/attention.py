@@ -1,0 +1,260 @@
+"""Causal self-attention with grouped-query heads and per-token segment ids, one entry point for every kernel.
+
+`attend(q, k, v, segments, implementation)` is what the model calls. Rows are either unpacked (one sequence
+per row, right-padded: `segments_BxL=None`, the causal rule alone keeps padding out of every real token) or
+packed (several sequences per row: a token sees only earlier tokens of its own segment; padding is segment 0
+and sees only padding, so no softmax row is empty). Implementations:
+
+  xla        jax.nn.dot_product_attention with a dense [B, 1, L, L] mask: the reference. Its fp32 logits are
+             [B, N, L, L], which is what runs out of memory at long rows.
+  cudnn      the same public call with implementation="cudnn" (NVIDIA, bf16); segments go in as the dense mask.
+  splash     Pallas TPU splash attention (SegmentIds + a causal mask) in a shard_map over the batch and head
+             axes; on any other backend it runs in Pallas interpret mode (slow: for tests only).
+  blockwise  pure-JAX flash attention with its own backward pass: an online softmax over key blocks that
+             keeps only [B, N, block, block] logits at a time and never visits a key block that no query of
+             the query block can see (later blocks by the causal rule, earlier segments by the segment rule).
+  auto       cudnn on NVIDIA GPUs (bf16, unpacked rows; xla otherwise), splash on TPU, blockwise elsewhere.
+
+Letters: B batch rows, L length, N query heads, K key/value heads, G = N / K query heads per key/value head,
+H head width, Q/S query/key positions within a block, C number of blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.core.spmd
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
+
+# Key/query blocks of the blockwise path, profiled with tools/attention_profile.py (fp32, forward + backward,
+# 2 Zen 2 cores under load, so ±30%): packed rows favour small blocks (finer skipping; 2 x 2,048 tokens, 4 heads
+# of 64: 64 -> 0.58 s, 128 -> 1.09 s, 256 -> 1.13 s; 16 x 256 tokens: 64 -> 88 ms, 128 -> 294 ms, dense xla
+# 508 ms), as do short unpacked rows (16 x 256: 64 -> 184 ms, 128 -> 360 ms, xla 348 ms); long unpacked rows
+# favour 128 (2 x 2,048: 64 -> 1.79 s, 128 -> 1.40 s).
+BLOCK, LONG_UNPACKED_BLOCK, LONG_UNPACKED = 64, 128, 1024
+# Finite stand-in for -inf: a fully masked block row then gives exp(0)·0 terms instead of NaN.
+_NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
+def resolve(implementation: str, dtype, packed: bool, platform: str | None = None) -> str:
+  """The concrete kernel that `implementation` means on `platform` (default: JAX's default backend)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+  if implementation != "auto":
+    return implementation
+  platform = platform or jax.default_backend()
+  if platform in ("gpu", "cuda"):
+    # cuDNN needs bf16, and its packed (segment-masked) path has not been checked on a GPU yet.
+    return "cudnn" if jnp.dtype(dtype) == jnp.bfloat16 and not packed else "xla"
+  if platform == "tpu":
+    return "splash"
+  return "blockwise"
+
+
+def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: str = "auto"):
+  """Causal attention, scaled by 1/sqrt(H); k/v heads are shared by N/K consecutive query heads (as HF's
+  repeat_kv). Returns [B, L, N, H] in q's dtype."""
+  kind = resolve(implementation, q_BxLxNxH.dtype, segments_BxL is not None)
+  if kind in ("xla", "cudnn"):
+    mask_Bx1xLxL = None
+    if segments_BxL is not None:
+      mask_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
+                                        implementation=None if kind == "xla" else "cudnn")
+  if kind == "splash":
+    return splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL)
+  return blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blockwise (flash) attention in plain JAX
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, block: int | None = None):
+  b, l, n, h = q_BxLxNxH.shape
+  if block is None:
+    block = LONG_UNPACKED_BLOCK if segments_BxL is None and l > LONG_UNPACKED else BLOCK
+  kv = k_BxLxKxH.shape[2]
+  block = min(block, -(-l // 8) * 8)
+  padded = -(-l // block) * block
+  segments_BxL = jnp.zeros((b, l), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
+  if padded != l:
+    # Keys past the end come after every real query, so the causal rule hides them; their queries are dropped.
+    pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
+    q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (jnp.pad(x, pad) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH))
+    segments_BxL = jnp.pad(segments_BxL, ((0, 0), (0, padded - l)))
+  c = padded // block
+  q_BxCxQxKxGxH = q_BxLxNxH.reshape(b, c, block, kv, n // kv, h)
+  k_BxCxSxKxH = k_BxLxKxH.reshape(b, c, block, kv, h)
+  v_BxCxSxKxH = v_BxLxKxH.reshape(b, c, block, kv, h)
+  out = _flash(q_BxCxQxKxGxH, k_BxCxSxKxH, v_BxCxSxKxH, segments_BxL.reshape(b, c, block))
+  return out.reshape(b, padded, n, h)[:, :l]
+
+
+def _first_visible_block(seg_BxCxQ):
+  """For each query block, the first key block that some query of it (in any row) can see: the block of the
+  earliest first position of its queries' segments. Exact for any ids in [0, L], contiguous or not."""
+  b, c, q = seg_BxCxQ.shape
+  seg_BxL = jnp.clip(seg_BxCxQ.reshape(b, c * q), 0, c * q)
+  positions_L = jnp.arange(c * q, dtype=jnp.int32)
+  first_BxI = jax.vmap(lambda s: jnp.full((c * q + 1,), c * q, jnp.int32).at[s].min(positions_L))(seg_BxL)
+  start_BxL = jnp.take_along_axis(first_BxI, seg_BxL, axis=1)
+  return jnp.min(start_BxL.reshape(b, c, q), axis=(0, 2)) // q  # [C]
+
+
+def _block_logits(q_BxQxKxGxH, k_BxSxKxH, seg_q_BxQ, seg_k_BxS, i, j, scale):
+  """Scaled fp32 logits of query block i against key block j, and the causal + segment mask."""
+  s_BxKxGxQxS = jnp.einsum("bqkgh,bskh->bkgqs", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+  size = q_BxQxKxGxH.shape[1]
+  causal_QxS = (i * size + jnp.arange(size))[:, None] >= (j * size + jnp.arange(size))[None, :]
+  visible_BxQxS = causal_QxS[None] & (seg_q_BxQ[:, :, None] == seg_k_BxS[:, None, :])
+  return s_BxKxGxQxS, visible_BxQxS[:, None, None]
+
+
+def _forward(q, k, v, seg):
+  """Output [B, C, Q, K, G, H] and log-sum-exp [B, C, K, G, Q] of the online softmax."""
+  b, c, size, kv, g, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  first_C = _first_visible_block(seg)
+
+  def query_block(i, carry):
+    out, lse = carry
+    q_i, seg_i = q[:, i], seg[:, i]
+
+    def key_block(j, state):
+      m, total, acc = state
+      s, visible = _block_logits(q_i, k[:, j], seg_i, seg[:, j], i, j, scale)
+      m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
+      p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+      correction = jnp.exp(m - m_new)
+      acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v[:, j],
+                                                     preferred_element_type=jnp.float32)
+      return m_new, total * correction + jnp.sum(p, axis=-1), acc
+
+    init = (jnp.full((b, kv, g, size), _NEG, jnp.float32), jnp.zeros((b, kv, g, size), jnp.float32),
+            jnp.zeros((b, kv, g, size, h), jnp.float32))
+    m, total, acc = jax.lax.fori_loop(first_C[i], i + 1, key_block, init)
+    o_BxQxKxGxH = jnp.transpose(acc / total[..., None], (0, 3, 1, 2, 4)).astype(q.dtype)
+    return out.at[:, i].set(o_BxQxKxGxH), lse.at[:, i].set(m + jnp.log(total))
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, c, kv, g, size), jnp.float32))
+  return jax.lax.fori_loop(0, c, query_block, init)
+
+
+@jax.custom_vjp
+def _flash(q, k, v, seg):
+  return _forward(q, k, v, seg)[0]
+
+
+def _flash_fwd(q, k, v, seg):
+  out, lse = _forward(q, k, v, seg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(residuals, d_out):
+  """Recomputes each visited block's probabilities from the saved log-sum-exp (as FlashAttention-2 does)."""
+  q, k, v, seg, out, lse = residuals
+  b, c, size, kv, g, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  first_C = _first_visible_block(seg)
+  # D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term, per query and head.
+  delta_BxCxKxGxQ = jnp.einsum("bcqkgh,bcqkgh->bckgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+  def query_block(i, carry):
+    dq, dk, dv = carry
+    q_i, seg_i, do_i = q[:, i], seg[:, i], d_out[:, i]
+    lse_i, delta_i = lse[:, i], delta_BxCxKxGxQ[:, i]
+
+    def key_block(j, state):
+      dq_i, dk, dv = state
+      s, visible = _block_logits(q_i, k[:, j], seg_i, seg[:, j], i, j, scale)
+      p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+      dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v[:, j], preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+      dq_i = dq_i + jnp.einsum("bkgqs,bskh->bqkgh", ds, k[:, j], preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32)
+      return dq_i, dk.at[:, j].add(dk_j), dv.at[:, j].add(dv_j)
+
+    dq_i = jnp.zeros(q_i.shape, jnp.float32)
+    dq_i, dk, dv = jax.lax.fori_loop(first_C[i], i + 1, key_block, (dq_i, dk, dv))
+    return dq.at[:, i].set(dq_i.astype(q.dtype)), dk, dv
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dq, dk, dv = jax.lax.fori_loop(0, c, query_block, init)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splash attention (Pallas, TPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+_SPLASH_BLOCK = 128  # The TPU kernel's lane width: rows are padded to a multiple of it.
+_SPLASH_BLOCK_NAMES = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                       "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
+
+
+def _mesh_axes(mesh, logical: str, default: tuple, size: int) -> tuple:
+  """Mesh axes that the context's logical rule (else `default`) names for `logical`, kept while they divide
+  `size`: the shard_map then splits exactly what the model's sharding rules split."""
+  rules = dict(flax.core.spmd.get_logical_axis_rules() or ())
+  named = rules.get(logical, default)
+  named = (named,) if isinstance(named, str) else tuple(named or ())
+  axes, shards = [], 1
+  for axis in named:
+    if axis in mesh.axis_names and size % (shards * mesh.shape[axis]) == 0:
+      axes.append(axis)
+      shards *= mesh.shape[axis]
+  return tuple(axes)
+
+
+def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None):
+  b, l, n, h = q_BxLxNxH.shape
+  kv = k_BxLxKxH.shape[2]
+  padded = -(-l // _SPLASH_BLOCK) * _SPLASH_BLOCK
+  pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
+  # Splash takes [heads, L, H] per row and does not scale q.
+  q_BxNxLxH = jnp.pad(q_BxLxNxH * jnp.asarray(1.0 / math.sqrt(h), q_BxLxNxH.dtype), pad).transpose(0, 2, 1, 3)
+  k_BxKxLxH = jnp.pad(k_BxLxKxH, pad).transpose(0, 2, 1, 3)
+  v_BxKxLxH = jnp.pad(v_BxLxKxH, pad).transpose(0, 2, 1, 3)
+  packed = segments_BxL is not None
+  # Padded tail keys come after every real query (causal) or sit in segment 0 beside padding only.
+  seg_BxL = jnp.pad(segments_BxL.astype(jnp.int32), ((0, 0), (0, padded - l))) if packed else None
+  interpret = jax.default_backend() != "tpu"
+
+  def local(q, k, v, seg):
+    heads = q.shape[1]
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.CausalMask((padded, padded))] * heads),
+        block_sizes=splash.BlockSizes(**{name: _SPLASH_BLOCK for name in _SPLASH_BLOCK_NAMES}),
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    if seg is None:
+      return jax.vmap(kernel)(q, k, v)
+    return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(q, k, v, seg)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = jax.typeof(q_BxLxNxH).sharding.mesh
+  if mesh.empty or mesh.size == 1:
+    out_BxNxLxH = local(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, seg_BxL)
+  else:
+    # A Pallas call is not auto-partitioned: each device runs the kernel on its own rows and heads.
+    batch = _mesh_axes(mesh, "batch", ("data", "fsdp"), b) or None
+    heads = _mesh_axes(mesh, "heads", ("tensor",), math.gcd(n, kv)) or None
+    spec = PartitionSpec(batch, heads)
+    seg_spec = PartitionSpec(batch) if packed else None
+    out_BxNxLxH = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                                check_vma=False)(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, seg_BxL)
+  return out_BxNxLxH.transpose(0, 2, 1, 3)[:, :l]
+

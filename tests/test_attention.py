@@ -1,0 +1,219 @@
+"""Attention kernels: every implementation equals the dense XLA reference, outputs and gradients."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxreward import attention, model as model_lib
+from tests.conftest import ROOT
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_TPU = jax.default_backend() == "tpu"
+# fp32 equality needs full-precision dots: JAX's GPU default for float32 matmuls is TF32.
+TOL = 1e-5
+
+
+def random_segments(rng, rows: int, length: int, packed: bool):
+  """Packed rows: 1..m runs of random lengths then padding 0 (as packing.py lays them out); None unpacked."""
+  if not packed:
+    return None
+  seg = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    pos, sid = 0, 1
+    while pos < length - length // 8:
+      n = int(rng.integers(1, length // 2))
+      seg[r, pos:pos + n] = sid
+      pos, sid = pos + n, sid + 1
+  return jnp.asarray(seg)
+
+
+def qkv(rng, rows, length, heads, kv_heads, head_dim, dtype=jnp.float32):
+  return tuple(jnp.asarray(rng.normal(size=(rows, length, n, head_dim)) * 0.5, dtype)
+               for n in (heads, kv_heads, kv_heads))
+
+
+def value_and_grads(fn, q, k, v, segments):
+  # A random projection of the output as the loss, so every output element contributes a distinct gradient.
+  w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v, segments).astype(jnp.float32) * w)
+  out = jax.jit(lambda q, k, v: fn(q, k, v, segments))(q, k, v)
+  return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def reference(q, k, v, segments):
+  return attention.attend(q, k, v, segments, "xla")
+
+
+def assert_equal_to_reference(fn, q, k, v, segments, tol=TOL):
+  out, grads = value_and_grads(fn, q, k, v, segments)
+  want_out, want_grads = value_and_grads(reference, q, k, v, segments)
+  np.testing.assert_allclose(out, want_out, atol=tol, rtol=tol)
+  for name, got, want in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("length,block,packed", [(64, 16, False), (100, 32, True), (48, 256, True)])
+def test_blockwise_equals_reference(length, block, packed):
+  """Several blocks (with segment-skipping), a ragged last block (100 = 3·32 + 4), and a single block."""
+  rng = np.random.default_rng(length)
+  q, k, v = qkv(rng, 3, length, 4, 2, 8)
+  segments = random_segments(rng, 3, length, packed)
+  fn = lambda q, k, v, s: attention.blockwise_attention(q, k, v, s, block=block)
+  assert_equal_to_reference(fn, q, k, v, segments)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the TPU kernel's interpret-mode numerics are checked on CPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_splash_equals_reference_in_interpret_mode(packed):
+  """Pallas interpret mode on CPU: the TPU kernel's numerics; 150 tokens pad up to two 128-token blocks."""
+  rng = np.random.default_rng(3)
+  q, k, v = qkv(rng, 2, 150, 4, 2, 16)
+  segments = random_segments(rng, 2, 150, packed)
+  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "splash")
+  assert_equal_to_reference(fn, q, k, v, segments)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or len(jax.devices()) < 4, reason="runs on 4 fake CPU devices")
+def test_splash_in_shard_map_equals_reference():
+  """Batch and heads split over a (data=2, tensor=2) mesh: each device runs the kernel on its own shard."""
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  rng = np.random.default_rng(4)
+  q, k, v = qkv(rng, 2, 128, 4, 2, 8)
+  segments = random_segments(rng, 2, 128, True)
+  on_mesh = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "splash")
+  out, grads = value_and_grads(fn, *(on_mesh(x) for x in (q, k, v, segments)))
+  want_out, want_grads = value_and_grads(reference, q, k, v, segments)
+  np.testing.assert_allclose(out, want_out, atol=TOL, rtol=TOL)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
+def test_blockwise_skips_blocks_no_query_sees():
+  """Row 0 holds four 16-token segments: query block i needs only key block i, so the number of visited key
+  blocks is the block count; the second row in the same batch widens the range to its own segments."""
+  seg = np.repeat(np.arange(1, 5, dtype=np.int32), 16)[None]
+  first = attention._first_visible_block(jnp.asarray(seg).reshape(1, 4, 16))
+  np.testing.assert_array_equal(first, [0, 1, 2, 3])
+  two_rows = np.concatenate([seg, np.ones_like(seg)])
+  first = attention._first_visible_block(jnp.asarray(two_rows).reshape(2, 4, 16))
+  np.testing.assert_array_equal(first, [0, 0, 0, 0])
+  # A segment id reused after a gap is still found at its first position (no contiguity assumed).
+  gap = np.concatenate([np.full(16, 1), np.full(32, 2), np.full(16, 1)]).astype(np.int32)[None]
+  np.testing.assert_array_equal(attention._first_visible_block(jnp.asarray(gap).reshape(1, 4, 16)), [0, 1, 1, 0])
+
+
+def test_blockwise_bfloat16_stays_close():
+  rng = np.random.default_rng(5)
+  q, k, v = qkv(rng, 2, 64, 4, 2, 16, jnp.bfloat16)
+  segments = random_segments(rng, 2, 64, True)
+  got = attention.blockwise_attention(q, k, v, segments, block=16).astype(jnp.float32)
+  want = reference(*(x.astype(jnp.float32) for x in (q, k, v)), segments)
+  np.testing.assert_allclose(got, want, atol=3e-2)
+
+
+def test_auto_resolves_per_platform():
+  assert attention.resolve("auto", jnp.bfloat16, packed=False, platform="gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.bfloat16, packed=True, platform="gpu") == "xla"
+  assert attention.resolve("auto", jnp.float32, packed=False, platform="gpu") == "xla"
+  assert attention.resolve("auto", jnp.float32, packed=True, platform="tpu") == "splash"
+  assert attention.resolve("auto", jnp.float32, packed=True, platform="cpu") == "blockwise"
+  assert attention.resolve("xla", jnp.float32, packed=True, platform="tpu") == "xla"
+  with pytest.raises(ValueError, match="expected one of"):
+    attention.resolve("flash", jnp.float32, packed=False)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_equals_reference_on_gpu(packed):
+  """bf16 (cuDNN's dtype) against the fp32 reference; 2e-2 is bf16's resolution at these magnitudes."""
+  rng = np.random.default_rng(6)
+  q, k, v = qkv(rng, 2, 256, 8, 2, 64, jnp.bfloat16)
+  segments = random_segments(rng, 2, 256, packed)
+  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "cudnn")
+  out, grads = value_and_grads(fn, q, k, v, segments)
+  with jax.default_matmul_precision("highest"):
+    want_out, want_grads = value_and_grads(reference, *(x.astype(jnp.float32) for x in (q, k, v)), segments)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=2e-2, rtol=2e-2)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not (ON_GPU or ON_TPU), reason="the fused kernels of 'auto' need a GPU or TPU")
+def test_auto_on_accelerator_equals_reference():
+  rng = np.random.default_rng(7)
+  q, k, v = qkv(rng, 2, 256, 8, 2, 64, jnp.bfloat16)
+  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "auto")
+  out, _ = value_and_grads(fn, q, k, v, None)
+  with jax.default_matmul_precision("highest"):
+    want = reference(*(x.astype(jnp.float32) for x in (q, k, v)), None)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU memory check")
+def test_long_packed_rows_hold_no_length_squared_buffer():
+  """tools/long_context.py on tiny dims: the default attention's compiled train step has no buffer with two
+  dimensions >= L and trains; the dense reference at the same shape does have them (so the scan can fail)."""
+  tiny = ["--length", "512", "--hidden_size", "32", "--num_layers", "2", "--num_heads", "2", "--num_kv_heads", "1",
+          "--mlp_dim", "64", "--vocab_size", "512", "--steps", "2"]
+  runs = {}
+  for name, extra in (("auto", []), ("xla", ["--compile_only"])):
+    out = subprocess.run([sys.executable, "tools/long_context.py", *tiny, "--attention", name, *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True)
+    runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert runs["auto"]["LxL_buffers"] == [] and runs["xla"]["LxL_buffers"]
+  assert runs["auto"]["temp_MiB"] < runs["xla"]["temp_MiB"]
+  assert all(np.isfinite(runs["auto"]["losses"])) and runs["auto"]["losses"][1] < runs["auto"]["losses"][0]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiny CPU run of the GPU benchmark")
+def test_train_bench_runs_on_a_tiny_shape():
+  """tools/train_bench.py (the GPU check's benchmark) end to end on CPU: every variant reports a step time and
+  MFU; the packed batch has fewer real tokens than slots, the unpacked one none missing; the analytic FLOPs
+  of the dense-attention step stay within XLA's own count (which also counts the masked half of L x L)."""
+  args = ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1", "--vocab_size", "256",
+          "--length", "64", "--pairs", "2", "--dtype", "float32", "--packed_median", "12", "--steps", "1",
+          "--warmup", "1", "--variants", "U-xla,P-blockwise"]
+  out = subprocess.run([sys.executable, "tools/train_bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  unpacked, packed = result["variants"]
+  assert "error" not in unpacked and "error" not in packed, out.stdout[-2000:]
+  assert unpacked["real_tokens"] == unpacked["slot_tokens"] and packed["real_tokens"] < packed["slot_tokens"]
+  assert all(r["MFU"] > 0 and r["step_ms"] > 0 and np.isfinite(r["loss_per_pair"]) for r in (unpacked, packed))
+  assert 0.5 * unpacked["xla_TFLOP_per_step"] < unpacked["model_TFLOP_per_step"] <= unpacked["xla_TFLOP_per_step"]
+
+
+def test_backbone_with_blockwise_attention_equals_xla_on_packed_rows():
+  """The model's default CPU path over several 64-token blocks: hidden states and parameter gradients equal
+  the dense reference's on packed rows (segments with positions restarting per sequence)."""
+  rng = np.random.default_rng(8)
+  segments = np.asarray(random_segments(rng, 2, 200, True))
+  positions = np.zeros_like(segments)
+  for r in range(2):
+    for s in np.unique(segments[r]):
+      where = np.flatnonzero(segments[r] == s)
+      positions[r, where] = np.arange(len(where))
+  tokens = jnp.asarray(rng.integers(2, 97, size=(2, 200)), jnp.int32)
+  hidden, grads = {}, {}
+  for name in ("blockwise", "xla"):
+    cfg = model_lib.ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=8, mlp_dim=48, attention=name)
+    with nnx.use_eager_sharding(False):
+      graphdef, params = nnx.split(model_lib.Backbone(cfg, nnx.Rngs(0)), nnx.Param)
+    run = lambda p: nnx.merge(graphdef, p)(tokens, jnp.asarray(positions), jnp.asarray(segments))
+    hidden[name] = jax.jit(run)(params)
+    grads[name] = jax.jit(jax.grad(lambda p: jnp.sum(run(p) ** 2)))(params)
+  np.testing.assert_allclose(hidden["blockwise"], hidden["xla"], atol=TOL, rtol=TOL)
+  # Through two layers and a squared loss the gradients reach ~10: within 1e-5 of the largest of them.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["xla"]))
+  for got, want in zip(jax.tree.leaves(grads["blockwise"]), jax.tree.leaves(grads["xla"])):
+    np.testing.assert_allclose(got, want, atol=TOL * scale, rtol=0)
