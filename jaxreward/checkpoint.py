@@ -107,7 +107,7 @@ class Checkpointer:
     `metrics=None` marks a resume-only checkpoint (preemption): it is kept while it is the latest but never
     ranked as best.
     """
-    optimizer = {"step": state["step"], "opt_state": state["opt_state"]}
+    optimizer = {k: v for k, v in state.items() if k != "params"}  # The step counter and Adam state.
     try:
       self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
                                                       optimizer=ocp.args.StandardSave(optimizer),
@@ -126,7 +126,7 @@ class Checkpointer:
                                                                       data=ocp.args.JsonRestore()))
         state = restored["state"]
       else:
-        optimizer = {"step": abstract["step"], "opt_state": abstract["opt_state"]}
+        optimizer = {k: v for k, v in abstract.items() if k != "params"}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
             data=ocp.args.JsonRestore()))
