@@ -47,7 +47,20 @@ class _QuietOrbax(logging.Filter):
   once, as the CheckpointError raised from save, wait or restore."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and ("orbax" in record.pathname or "orbax" in record.getMessage()))
+    return not (record.levelno >= logging.ERROR and _from_orbax(record))
+
+
+def _from_orbax(record) -> bool:
+  # With params and optimizer as separate items, a damaged item's failed read leaves the other item's task
+  # unretrieved: asyncio logs it with the traceback in exc_info, not in the message.
+  if "orbax" in record.pathname or "orbax" in record.getMessage():
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 for _name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for orbax's write tasks.
