@@ -1,11 +1,11 @@
-"""Error analysis of a reward model on preference pairs: pure numpy on (pairs, rewards, lengths).
+"""Error analysis of a reward model on preference pairs: numpy and scipy on (pairs, rewards, lengths).
 
 Did the model learn preference or length? `analyze` puts the model's pairwise accuracy (with a 95% Wilson
 interval) beside the baselines a reward model must beat on the *same* pairs — random, "longer response
 wins", "shorter wins" — and measures length bias directly: accuracy when the chosen response is the
 shorter one vs the longer one, and the correlation of the reward margin with the length difference.
 It also reports calibration of σ(margin) (ECE + reliability plot), accuracy per category field and the
-most confident mistakes.
+most confident mistakes. report.py renders the result as text (summary.txt) and markdown (model cards).
 
 Conventions: `r_Nx2[:, 0]` is the chosen response's reward, `r_Nx2[:, 1]` the rejected one's; margin =
 chosen − rejected. A tie (margin 0, or equal lengths for a length heuristic) counts as half right, so a
@@ -18,6 +18,9 @@ import math
 import os
 
 import numpy as np
+import scipy.stats
+
+from jaxreward import loss
 
 Z95 = 1.959963984540054  # Two-sided 95% normal quantile.
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -33,7 +36,11 @@ MIN_CATEGORY_SHOWN = 5  # Categories with fewer pairs are left out of the readab
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-  """Wilson score interval of a binomial proportion; sane at 0 and n, unlike the normal approximation."""
+  """Wilson score interval of a binomial proportion; sane at 0 and n, unlike the normal approximation.
+
+  Written out because ties count half, so `successes` may be fractional, which scipy.stats.binomtest refuses;
+  on whole numbers it equals binomtest(...).proportion_ci(method="wilson") (tests/test_analysis.py).
+  """
   if n <= 0:
     return 0.0, 1.0
   p = successes / n
@@ -44,8 +51,7 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
 
 
 def correct_N(diff_N: np.ndarray) -> np.ndarray:
-  """1 right, 0 wrong, 0.5 for a tie."""
-  return np.where(diff_N > 0, 1.0, np.where(diff_N == 0, 0.5, 0.0))
+  return loss.correct(diff_N, np)
 
 
 def accuracy(diff_N: np.ndarray) -> dict:
@@ -56,7 +62,7 @@ def accuracy(diff_N: np.ndarray) -> dict:
 
 
 def bt_loss(margin_N: np.ndarray, target_margin_N: np.ndarray | None = None) -> float:
-  """Mean −log σ(margin − dataset margin), computed stably as softplus(−x)."""
+  """Mean −log σ(margin − dataset margin), computed stably as softplus(−x) in float64 (loss.py's is float32)."""
   x = margin_N - (0.0 if target_margin_N is None else target_margin_N)
   return float(np.mean(np.logaddexp(0.0, -x))) if x.size else float("nan")
 
@@ -65,30 +71,17 @@ def moments(x: np.ndarray) -> dict:
   return {"mean": float(np.mean(x)), "std": float(np.std(x))} if x.size else {"mean": None, "std": None}
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-  """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata 'average')."""
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  # Start index of each run of equal values; every member gets the mean of the run's positions.
-  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  ends = np.r_[starts[1:], x.size]
-  avg = (starts + ends - 1) / 2.0 + 1.0
-  ranks = np.empty(x.size, np.float64)
-  ranks[order] = np.repeat(avg, ends - starts)
-  return ranks
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
   """None when either side is constant: the correlation is undefined, not zero."""
-  if x.size < 2:
+  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
-  x, y = x - x.mean(), y - y.mean()
-  denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-  return float((x * y).sum() / denom) if denom > 0 else None
+  return float(scipy.stats.pearsonr(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-  return pearson(rankdata(x), rankdata(y)) if x.size >= 2 else None
+  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return None
+  return float(scipy.stats.spearmanr(x, y).statistic)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -312,28 +305,10 @@ def analyze(pairs, r_Nx2, token_lengths_Nx2=None, target_margin_N=None, *, num_h
   return report
 
 
-def batch_order(token_lengths_Nx2: np.ndarray) -> np.ndarray:
-  """The pair order of `pipeline.eval_batches(enc, np.arange(N), ...)`: stable sort by the longer side."""
-  return np.argsort(np.asarray(token_lengths_Nx2).reshape(-1, 2).max(axis=1), kind="stable")
-
-
-def to_pair_order(r_Nx2: np.ndarray, token_lengths_Nx2: np.ndarray) -> np.ndarray:
-  """Rewards from `evaluate.run` over all pairs (length-sorted batch order) back into the pairs' order."""
-  out = np.empty_like(np.asarray(r_Nx2))
-  out[batch_order(token_lengths_Nx2)] = r_Nx2
-  return out
-
-
 def for_training(validation, r_Nx2, plot_path: str | None = None) -> dict:
-  """The analysis of the validation split for metrics.json / the model card.
-
-  validation: the `pipeline.Encoded` validation set; r_Nx2: the rewards `evaluate.run` returned for
-  `pipeline.eval_batches(validation, np.arange(len(validation)), ...)` — in that (length-sorted) order.
-  Fewer, shorter hardest pairs than the CLI: this goes into metrics.json.
-  """
-  lengths_Nx2 = validation.lengths()
-  r_Nx2 = to_pair_order(np.asarray(r_Nx2), lengths_Nx2)
-  return analyze(validation.pairs, r_Nx2, lengths_Nx2, validation.margin, num_hardest=3, text_chars=160,
+  """The analysis of the validation split (`tokenizer.Encoded`, rewards in its pair order) for metrics.json and
+  the model card: fewer, shorter hardest pairs than the CLI."""
+  return analyze(validation.pairs, r_Nx2, validation.lengths(), validation.margin, num_hardest=3, text_chars=160,
                  plot_path=plot_path, title="validation")
 
 
@@ -349,100 +324,3 @@ def length_warning(report: dict) -> str | None:
     return (f"length: model accuracy {acc['value']:.4f} (95% CI {lo:.3f}–{hi:.3f}) is not significantly better "
             f"than the '{name}' heuristic ({best['accuracy']:.4f}); more validation pairs would tell")
   return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _f(x, spec=".4f"):
-  return "n/a" if x is None else format(x, spec)
-
-
-def render_text(report: dict, max_categories: int = 60) -> str:
-  r, acc, lb = report, report["accuracy"], report["length_bias"]
-  lines = [
-      f"pairs: {r['num_pairs']}",
-      f"accuracy: {acc['value']:.4f}  (95% CI {acc['ci95'][0]:.4f}–{acc['ci95'][1]:.4f}; {acc['correct']:g} right)",
-      f"loss (Bradley-Terry): {r['loss']:.4f}",
-      f"reward chosen:   mean {_f(r['rewards']['chosen']['mean'])}  std {_f(r['rewards']['chosen']['std'])}",
-      f"reward rejected: mean {_f(r['rewards']['rejected']['mean'])}  std {_f(r['rewards']['rejected']['std'])}",
-      "margin (chosen − rejected): mean {:.4f}  std {:.4f}  quantiles {}".format(
-          r["margin"]["mean"], r["margin"]["std"],
-          " ".join(f"{k}={v:+.3f}" for k, v in r["margin"]["quantiles"].items())),
-      "", "baselines on the same pairs (ties count half):",
-      f"  {'model':<24} {acc['value']:.4f}",
-  ]
-  lines += [f"  {k:<24} {v:.4f}" for k, v in r["baselines"].items()]
-  lines += [f"  model − best length heuristic ({r['best_length_baseline']['name']}): "
-            f"{r['vs_best_length_baseline']:+.4f}"]
-  lines += ["", f"length bias (full response lengths in {lb['unit']}):"]
-  for name in ("chosen_longer", "chosen_shorter", "equal_length"):
-    lines.append(f"  accuracy when {name.replace('_', ' '):<15} {_f(lb[name]['accuracy'])}  (n={lb[name]['n']})")
-  lines.append(f"  model prefers the longer response in {_f(lb['prefers_longer'], '.1%')} of unequal pairs; "
-               f"corr(margin, length difference): Pearson {_f(lb['pearson'], '+.3f')}, "
-               f"Spearman {_f(lb['spearman'], '+.3f')}")
-  lbt = r.get("length_bias_tokens")
-  if lbt:
-    lines.append(f"  in tokens as scored (after truncation): accuracy {_f(lbt['chosen_longer']['accuracy'])} chosen "
-                 f"longer (n={lbt['chosen_longer']['n']}) / {_f(lbt['chosen_shorter']['accuracy'])} shorter "
-                 f"(n={lbt['chosen_shorter']['n']}) / {_f(lbt['equal_length']['accuracy'])} equal "
-                 f"(n={lbt['equal_length']['n']}); Pearson {_f(lbt['pearson'], '+.3f')}")
-  cal = r["calibration"]
-  lines += ["", f"calibration: ECE {_f(cal['ece'])} (10 bins of max(σ(margin), 1 − σ(margin)); "
-            f"mean confidence {_f(cal['mean_confidence'])})"]
-  for b in cal["bins"]:
-    if b["n"]:
-      lines.append(f"  [{b['lo']:.2f}, {b['hi']:.2f}) n={b['n']:<5} confidence {b['confidence']:.3f} "
-                   f"accuracy {b['accuracy']:.3f}")
-  for field, cats in r["by_category"].items():
-    shown = [(k, v) for k, v in cats.items() if v["n"] >= MIN_CATEGORY_SHOWN][:max_categories]
-    lines += ["", f"accuracy by {field} ({len(cats)} values; {len(shown)} with ≥{MIN_CATEGORY_SHOWN} pairs shown, "
-              "worst first):"]
-    for k, v in sorted(shown, key=lambda kv: kv[1]["accuracy"]):
-      lines.append(f"  {k[:40]:<40} n={v['n']:<4} accuracy {v['accuracy']:.3f} "
-                   f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]  longer-wins {v['longer_wins']:.3f}")
-  if r["hardest"]:
-    lines += ["", "most confident mistakes:"]
-    for h in r["hardest"]:
-      cat = f" [{h['category']}]" if "category" in h else ""
-      lines += [f"  #{h['index']} {h['where']}{cat} margin {h['margin']:+.3f} (P(chosen) {h['p_chosen']:.3f})",
-                f"    prompt:   {h['prompt']}", f"    chosen:   {h['chosen']}", f"    rejected: {h['rejected']}"]
-  warning = length_warning(r)
-  if warning:
-    lines += ["", "WARNING " + warning]
-  return "\n".join(lines) + "\n"
-
-
-def render_markdown(report: dict, max_categories: int = 15) -> str:
-  """A model-card section: baselines, length bias, calibration, weakest categories."""
-  r, acc, lb, cal = report, report["accuracy"], report["length_bias"], report["calibration"]
-  lines = [
-      "## Error analysis", "",
-      f"{r['num_pairs']} pairs. Accuracy **{acc['value']:.4f}** (95% Wilson CI {acc['ci95'][0]:.4f}–"
-      f"{acc['ci95'][1]:.4f}), Bradley-Terry loss {r['loss']:.4f}.", "",
-      "| scorer | accuracy |", "|---|---|", f"| this model | {acc['value']:.4f} |",
-  ]
-  lines += [f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in r["baselines"].items()]
-  lines += [
-      "", f"Length bias (in {lb['unit']}): accuracy {_f(lb['chosen_longer']['accuracy'])} when the chosen "
-      f"response is longer (n={lb['chosen_longer']['n']}) vs {_f(lb['chosen_shorter']['accuracy'])} when it is "
-      f"shorter (n={lb['chosen_shorter']['n']}); the model prefers the longer response in "
-      f"{_f(lb['prefers_longer'], '.1%')} of pairs; correlation of reward margin with length difference: "
-      f"Pearson {_f(lb['pearson'], '+.3f')}, Spearman {_f(lb['spearman'], '+.3f')}.", "",
-      f"Calibration: expected calibration error of σ(margin) {_f(cal['ece'])} (10 bins)"
-      + (f"; reliability diagram `{r['reliability_plot']}`." if r.get("reliability_plot") else "."),
-  ]
-  for field, cats in r["by_category"].items():
-    shown = sorted(((k, v) for k, v in cats.items() if v["n"] >= MIN_CATEGORY_SHOWN), key=lambda kv: kv[1]["accuracy"])
-    if not shown:
-      continue
-    lines += ["", f"Weakest values of `{field}` (≥{MIN_CATEGORY_SHOWN} pairs):", "",
-              "| value | pairs | accuracy | longer wins |", "|---|---|---|---|"]
-    lines += [f"| {k.replace('|', '/')} | {v['n']} | {v['accuracy']:.3f} | {v['longer_wins']:.3f} |"
-              for k, v in shown[:max_categories]]
-  warning = length_warning(r)
-  if warning:
-    lines += ["", f"> **Warning** — {warning}"]
-  return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ import os
 import ml_collections
 from flax import nnx
 
-from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, tokenizer as tokenizer_lib
+from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, state
+from jaxreward import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
@@ -36,34 +37,22 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def resolve_step(ckpt: checkpoint.Checkpointer, which: str | int) -> int:
-  steps = ckpt.all_steps()
-  if not steps:
-    raise configuration.ConfigError(f"{ckpt.directory}: no checkpoint saved yet")
-  if which == "best":
-    return ckpt.best_step()
-  if which == "latest":
-    return ckpt.latest_step()
-  step = int(which)
-  if step not in steps:
-    raise configuration.ConfigError(f"{ckpt.directory}: no checkpoint at step {step}; have {sorted(steps)}")
-  return step
-
-
 def load(workdir: str, which: str | int = "best", mesh_cfg=None) -> Loaded:
-  """The model at checkpoint `which` ('best', 'latest' or a step), placed on this process's devices."""
-  from jaxreward import train  # pylint: disable=g-import-not-at-top  (train imports this module's users)
+  """The model at checkpoint `which` ('best', 'latest' or a step), on this host's devices (or `mesh_cfg`'s).
+  Only the parameters are read; no optimizer state is built (but for work dirs saved before the split)."""
   config = read_config(workdir)
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
   model_cfg = model_lib.ModelConfig.from_config(config.model, config.model.vocab_size or tokenizer_lib.vocab_size(tok))
-  mesh_cfg = mesh_cfg or ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "rules": config.mesh.rules})
+  mesh_cfg = mesh_cfg or sharding.host_mesh_config(config.mesh.rules)
   mesh = sharding.make_mesh(mesh_cfg)
   rule_table = sharding.rules(mesh_cfg)
-  tx, _ = optimizer.make(config.train, 1)
-  graphdef, state, _ = train.create_state(model_cfg, tx, mesh, rule_table, config.train.seed)
+  graphdef, target = state.params_target(model_cfg, mesh, rule_table)
+
+  def old_target_state():
+    return state.create_state(model_cfg, optimizer.make(config.train, 1)[0], mesh, rule_table, config.train.seed)[1]
+
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_best)
-  step = resolve_step(ckpt, which)
-  state, _ = ckpt.restore(step, state)
+  step = ckpt.resolve(which)
+  params = ckpt.restore_params(step, target, old_target_state)
   ckpt.close()
-  model = nnx.merge(graphdef, state["params"])
-  return Loaded(config=config, tokenizer=tok, model=model, step=step, workdir=workdir)
+  return Loaded(config=config, tokenizer=tok, model=nnx.merge(graphdef, params), step=step, workdir=workdir)

@@ -1,8 +1,11 @@
 """Orbax checkpoints that keep the best step by validation accuracy *and* the latest step.
 
 Plain `best_fn` + `max_to_keep` would delete the latest checkpoint whenever it is not among the best,
-and resuming would then go back in time; a preservation policy keeps both. Each step stores the train
-state and the data iterator's state, so a resumed run continues on exactly the next batch.
+and resuming would then go back in time; a preservation policy keeps both. Each step stores three items:
+`params`, `optimizer` (the step counter and Adam state) and `data` (the data iterator's state), so a resumed
+run continues on exactly the next batch, while scoring and export restore `params` alone (a third of the
+memory of the whole state). Work dirs written before the split hold one `state` item; they still restore
+(params-only loading then reads the whole state and keeps its parameters).
 """
 
 from __future__ import annotations
@@ -44,7 +47,20 @@ class _QuietOrbax(logging.Filter):
   once, as the CheckpointError raised from save, wait or restore."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and ("orbax" in record.pathname or "orbax" in record.getMessage()))
+    return not (record.levelno >= logging.ERROR and _from_orbax(record))
+
+
+def _from_orbax(record) -> bool:
+  # With params and optimizer as separate items, a damaged item's failed read leaves the other item's task
+  # unretrieved: asyncio logs it with the traceback in exc_info, not in the message.
+  if "orbax" in record.pathname or "orbax" in record.getMessage():
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 for _name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for orbax's write tasks.
@@ -85,14 +101,29 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def resolve(self, which: str | int) -> int:
+    """The step that 'best', 'latest' or a step number names, or a one-line ConfigError."""
+    steps = self.all_steps()
+    if not steps:
+      raise ConfigError(f"{self.directory}: no checkpoint saved yet")
+    if which == "best":
+      return self.best_step()
+    if which == "latest":
+      return self.latest_step()
+    if int(which) not in steps:
+      raise ConfigError(f"{self.directory}: no checkpoint at step {which}; have {sorted(steps)}")
+    return int(which)
+
   def save(self, step: int, state, data_state: dict, metrics: dict | None) -> None:
     """Starts an asynchronous save; the train state's buffers may be donated right after.
 
     `metrics=None` marks a resume-only checkpoint (preemption): it is kept while it is the latest but never
     ranked as best.
     """
+    optimizer = {k: v for k, v in state.items() if k != "params"}  # The step counter and Adam state.
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                                                      optimizer=ocp.args.StandardSave(optimizer),
                                                       data=ocp.args.JsonSave(data_state)),
                         metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()}, force=True)
     except Exception as e:  # pylint: disable=broad-except  (also an earlier background save's failure)
@@ -100,16 +131,41 @@ class Checkpointer:
     self._saving = step
 
   def restore(self, step: int, target_state):
-    """Restores onto `target_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
+    """(state, data state) onto `target_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                    data=ocp.args.JsonRestore()))
+      if self._single_item(step):
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      data=ocp.args.JsonRestore()))
+        state = restored["state"]
+      else:
+        optimizer = {k: v for k, v in abstract.items() if k != "params"}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
+            data=ocp.args.JsonRestore()))
+        state = dict(restored["optimizer"], params=restored["params"])
     except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
       raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
     if not isinstance(restored["data"], dict) or not restored["data"]:
       raise CheckpointError(f"{self.directory}/{step}: unreadable (empty data iterator state)")
-    return restored["state"], restored["data"]
+    return state, restored["data"]
+
+  def restore_params(self, step: int, target_params, make_target_state=None):
+    """The parameters alone onto `target_params` (arrays or ShapeDtypeStructs with shardings). A work dir from
+    before the split needs `make_target_state()`, a whole train state to restore onto."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
+    if self._single_item(step):
+      if make_target_state is None:
+        raise ConfigError(f"{self.directory}/{step}: an old single-item checkpoint; load it with "
+                          "artifacts.load, which rebuilds the optimizer state it was saved with")
+      return self.restore(step, make_target_state())[0]["params"]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
+      raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
+
+  def _single_item(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), "state"))
 
   def restore_latest(self, target_state, accept, log):
     """(step, state, data state) of the newest step that reads back and that `accept(data state)` takes.
@@ -172,3 +228,12 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"{self.directory}: finishing the last save failed ({_one_line(e)}); free space or "
                             "fix the folder, then re-run the same command") from None
+
+
+def parse_which(text: str) -> str | int:
+  """A --checkpoint value: best, latest or a step number."""
+  if text in ("best", "latest"):
+    return text
+  if str(text).isdigit():
+    return int(text)
+  raise ConfigError(f"--checkpoint must be best, latest or a step number, got {text!r}")

@@ -9,16 +9,18 @@ can occur. Every count goes into `stats` (and from there metrics.json and the mo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
-from jaxreward import configuration, data, pipeline, synthetic, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import configuration, data, synthetic, tfds_data, tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
 class PreparedData:
   tokenizer: object
-  train: pipeline.Encoded
-  validation: pipeline.Encoded
+  train: tokenizer_lib.Encoded
+  validation: tokenizer_lib.Encoded
   stats: dict
 
 
@@ -52,15 +54,15 @@ def prepare(config, log) -> PreparedData:
     train_read = val_read = None
 
   if train_read is None:
-    train_pairs, val_pairs = data.split(synthetic.generate(d.synthetic_pairs, seed), d.validation_fraction, seed)
+    train_pairs, val_pairs = split(synthetic.generate(d.synthetic_pairs, seed), d.validation_fraction, seed)
   else:
-    all_pairs, stats["duplicates_removed"] = data.deduplicate(train_read)
+    all_pairs, stats["duplicates_removed"] = deduplicate(train_read)
     if val_read is not None:
-      val_pairs, dups = data.deduplicate(val_read)
+      val_pairs, dups = deduplicate(val_read)
       stats["duplicates_removed"] += dups
-      train_pairs, stats["leaks_removed"] = data.remove_leaks(all_pairs, val_pairs)
+      train_pairs, stats["leaks_removed"] = remove_leaks(all_pairs, val_pairs)
     else:
-      train_pairs, val_pairs = data.split(all_pairs, d.validation_fraction, seed)
+      train_pairs, val_pairs = split(all_pairs, d.validation_fraction, seed)
     if stats["duplicates_removed"] or stats["leaks_removed"]:
       log(f"data: removed {stats['duplicates_removed']} duplicate pairs and {stats['leaks_removed']} training "
           "pairs whose prompt is in the validation set")
@@ -76,9 +78,9 @@ def prepare(config, log) -> PreparedData:
   if tok_path:
     tok = tokenizer_lib.load(tok_path)
   else:
-    tok = tokenizer_lib.train_bpe(pipeline.texts_for_tokenizer(train_pairs), d.vocab_size)
-  train = pipeline.encode(train_pairs, tok, d.max_length, d.truncation)
-  validation = pipeline.encode(val_pairs, tok, d.max_length, d.truncation)
+    tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), d.vocab_size)
+  train = tokenizer_lib.encode(train_pairs, tok, d.max_length, d.truncation)
+  validation = tokenizer_lib.encode(val_pairs, tok, d.max_length, d.truncation)
   if len(train) < config.train.batch_size or not len(validation):
     raise configuration.ConfigError(
         f"data: {len(train)} training / {len(validation)} validation pairs left after truncation "
@@ -89,3 +91,36 @@ def prepare(config, log) -> PreparedData:
     log(f"data: {stats['truncated_pairs']} pairs cut to max_length={d.max_length} (keep_end) and "
         f"{stats['dropped_pairs']} dropped as too long (truncation={d.truncation})")
   return PreparedData(tok, train, validation, stats)
+
+
+def deduplicate(pairs: list[data.Pair]) -> tuple[list[data.Pair], int]:
+  seen, out = set(), []
+  for pair in pairs:
+    k = pair.key()
+    if k not in seen:
+      seen.add(k)
+      out.append(pair)
+  return out, len(pairs) - len(out)
+
+
+def _rank(key: str, seed: int) -> str:
+  return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def split(pairs: list[data.Pair], fraction: float, seed: int) -> tuple[list[data.Pair], list[data.Pair]]:
+  """Deterministic split grouped by prompt: the first `fraction` of prompt groups in seeded-hash order."""
+  groups = collections.defaultdict(list)
+  for pair in pairs:
+    groups[pair.prompt_key()].append(pair)
+  order = sorted(groups, key=lambda k: _rank(k, seed))
+  target, validation, train = fraction * len(pairs), [], []
+  for k in order:
+    (validation if len(validation) < target else train).extend(groups[k])
+  return train, validation
+
+
+def remove_leaks(train: list[data.Pair], validation: list[data.Pair]) -> tuple[list[data.Pair], int]:
+  """Drops training pairs whose prompt group also occurs in validation (explicit validation files)."""
+  held_out = {p.prompt_key() for p in validation}
+  kept = [p for p in train if p.prompt_key() not in held_out]
+  return kept, len(train) - len(kept)

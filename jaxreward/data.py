@@ -1,4 +1,4 @@
-"""Preference files -> validated `Pair` records, and the train/validation split.
+"""Preference files -> validated `Pair` records (`read_rows` is the one JSONL/JSON reader; corpus.py splits).
 
 Three layouts are read, detected per line unless `data.format` fixes one:
 - explicit:       {"prompt": str, "chosen": str, "rejected": str}
@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -313,13 +312,14 @@ def _lines(path: str):
     yield from _read_lines(f)
 
 
-def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Pair], LoadReport]:
-  """Reads one preference file; every problem is a one-line ConfigError naming `file:line` (or is skipped)."""
+def read_rows(path: str):
+  """Yields (line number, JSON value or BadLine) for each non-blank line of a JSONL file, or each element of a
+  JSON array (.json; .gz for either): the one reader of preference and scoring files. A missing, unreadable or
+  UTF-16 file is a one-line ConfigError."""
   if not os.path.exists(path):
     raise ConfigError(f"data: {path}: no such file")
   if os.path.isdir(path):
     raise ConfigError(f"data: {path}: is a directory, expected a JSONL file")
-  report, pairs = LoadReport(path=path), []
   try:
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
       head = f.read(2)
@@ -327,39 +327,45 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
       # PowerShell's `>` and some Windows editors write UTF-16: one clear message instead of a bad line 1.
       raise ConfigError(f"data: {path}:1: the file is UTF-16 encoded; save it as UTF-8")
     for number, raw in _lines(path):
-      where = f"{path}:{number}"
-      try:
-        if isinstance(raw, BadLine):
-          report.lines += 1
-          raise raw
-        if isinstance(raw, bytes):
-          try:
-            # utf-8-sig on every line: a BOM may start any line of concatenated files.
-            text = raw.decode("utf-8-sig")
-          except UnicodeDecodeError as e:
-            report.lines += 1
-            raise BadLine(f"not UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})") from None
-          if not text.strip():
-            continue  # Blank lines (and trailing CR/LF) are layout, not data.
-          report.lines += 1
-          row = _decode_json(text)
-        else:
-          report.lines += 1
-          row = raw
-        pair, kind = parse_row(row, fmt)
-      except BadLine as e:
-        if on_bad_line == "error":
-          raise ConfigError(f"data: {where}: {e} (set data.on_bad_line=skip to skip such lines)") from None
-        report.skipped += 1
-        if len(report.skip_reasons) < SHOWN_SKIP_REASONS:
-          report.skip_reasons.append(f"{where}: {e}")
-        continue
-      pair.where = where
-      report.formats[kind] += 1
-      report.one_empty += not (response_text(pair.chosen).strip() and response_text(pair.rejected).strip())
-      pairs.append(pair)
+      if isinstance(raw, bytes):
+        try:
+          # utf-8-sig on every line: a BOM may start any line of concatenated files.
+          text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+          yield number, BadLine(f"not UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})")
+          continue
+        if not text.strip():
+          continue  # Blank lines (and trailing CR/LF) are layout, not data.
+        try:
+          raw = _decode_json(text)
+        except BadLine as e:
+          raw = e
+      yield number, raw
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
     raise ConfigError(f"data: {path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Pair], LoadReport]:
+  """Reads one preference file; every problem is a one-line ConfigError naming `file:line` (or is skipped)."""
+  report, pairs = LoadReport(path=path), []
+  for number, row in read_rows(path):
+    where = f"{path}:{number}"
+    report.lines += 1
+    try:
+      if isinstance(row, BadLine):
+        raise row
+      pair, kind = parse_row(row, fmt)
+    except BadLine as e:
+      if on_bad_line == "error":
+        raise ConfigError(f"data: {where}: {e} (set data.on_bad_line=skip to skip such lines)") from None
+      report.skipped += 1
+      if len(report.skip_reasons) < SHOWN_SKIP_REASONS:
+        report.skip_reasons.append(f"{where}: {e}")
+      continue
+    pair.where = where
+    report.formats[kind] += 1
+    report.one_empty += not (response_text(pair.chosen).strip() and response_text(pair.rejected).strip())
+    pairs.append(pair)
   if report.lines == 0:
     raise ConfigError(f"data: {path}: the file is empty (no pairs)")
   if not pairs:
@@ -367,36 +373,3 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
                       f"(first problems: {'; '.join(report.skip_reasons[:2])})")
   report.pairs = len(pairs)
   return pairs, report
-
-
-def deduplicate(pairs: list[Pair]) -> tuple[list[Pair], int]:
-  seen, out = set(), []
-  for pair in pairs:
-    k = pair.key()
-    if k not in seen:
-      seen.add(k)
-      out.append(pair)
-  return out, len(pairs) - len(out)
-
-
-def _rank(key: str, seed: int) -> str:
-  return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
-def split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-  """Deterministic split grouped by prompt: the first `fraction` of prompt groups in seeded-hash order."""
-  groups = collections.defaultdict(list)
-  for pair in pairs:
-    groups[pair.prompt_key()].append(pair)
-  order = sorted(groups, key=lambda k: _rank(k, seed))
-  target, validation, train = fraction * len(pairs), [], []
-  for k in order:
-    (validation if len(validation) < target else train).extend(groups[k])
-  return train, validation
-
-
-def remove_leaks(train: list[Pair], validation: list[Pair]) -> tuple[list[Pair], int]:
-  """Drops training pairs whose prompt group also occurs in validation (explicit validation files)."""
-  held_out = {p.prompt_key() for p in validation}
-  kept = [p for p in train if p.prompt_key() not in held_out]
-  return kept, len(train) - len(kept)

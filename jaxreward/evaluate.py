@@ -1,97 +1,44 @@
-"""Scoring fixed sets of pairs with a jitted, sharded step: validation and the training-sample check."""
+"""Error analysis of a trained model on a preference file: score every pair, analyse, write the report.
+
+`evaluate_file(model, data)` scores a jaxreward work dir with the sharded eval step (state.py) on all of this
+host's devices, or an exported HF folder through score.py's scorer (JAX via hf.py, else torch), then writes
+report.json, summary.txt and reliability.png (analysis.py) to the output folder. The command line is
+`jaxreward.commands.evaluate`.
+"""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxreward import loss, sharding
-
-
-def make_eval_step(graphdef, params_shardings, mesh, rule_table):
-  """(params, batch) -> (sums, r_Bx2, weight_B), replicated so every host reads the global batch's values."""
-
-  def eval_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    r_Bx2 = model.score_pairs(batch["tokens_BxPxL"], batch["lengths_BxP"])
-    return loss.batch_sums(r_Bx2, batch["weight_B"], batch["margin_B"]), r_Bx2, batch["weight_B"]
-
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings(mesh, rule_table)),
-                 out_shardings=replicated)
-
-
-BUCKETED_KEYS = ("tokens_BxPxL", "lengths_BxP", "weight_B", "margin_B")
-
-
-def batch_shardings(mesh, rule_table, keys=BUCKETED_KEYS) -> dict:
-  """Leading axis over the batch shards; the shape letters after the last '_' give each array's rank."""
-  return {k: sharding.batch_sharding(mesh, rule_table, k.rsplit("_", 1)[1].count("x") + 1) for k in keys}
-
-
-def to_device(batch: dict, shardings: dict) -> dict:
-  """Each host contributes its rows; together they form the global batch."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-
-
-def run(eval_step, params, batches: list[dict], shardings: dict) -> tuple[dict, np.ndarray]:
-  """Means over all real pairs, and the [num_real_pairs, 2] rewards in batch order."""
-  total, rewards = None, []
-  pending = None
-  for batch in batches:
-    out = eval_step(params, to_device(batch, shardings))
-    if pending is not None:  # Fetch one batch late so the device never waits for the host.
-      total, rewards = _accumulate(total, rewards, pending)
-    pending = out
-  if pending is not None:
-    total, rewards = _accumulate(total, rewards, pending)
-  return loss.finalize(total), np.concatenate(rewards) if rewards else np.zeros((0, 2), np.float32)
-
-
-def _accumulate(total, rewards, out):
-  sums, r_Bx2, weight_B = jax.device_get(out)
-  total = sums if total is None else {k: total[k] + sums[k] for k in total}
-  rewards.append(np.asarray(r_Bx2)[np.asarray(weight_B) > 0])
-  return total, rewards
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: error analysis of a trained model on a preference file.
-#   python -m jaxreward.evaluate --workdir W --data FILE [--checkpoint best|latest|STEP] [--out DIR]
-# W is a jaxreward work dir (scored with the sharded eval step above) or an exported HF folder (scored by
-# jaxreward.score's HF path). Writes report.json, summary.txt and reliability.png to DIR (default
-# W/eval/<data file name>).
-# ---------------------------------------------------------------------------------------------------------------
+from jaxreward import analysis, artifacts, data, pipeline, report, score, sharding, state
+from jaxreward import tokenizer as tokenizer_lib
+from jaxreward.configuration import ConfigError
 
 
 def score_workdir(workdir: str, checkpoint, data_path: str):
   """(encoded pairs, r_Nx2 in pair order, eval-step means, meta) for a work dir at a checkpoint."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxreward import artifacts, data, pipeline  # pylint: disable=g-import-not-at-top
-  from jaxreward.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   config = artifacts.read_config(workdir)
   d = config.data
   pairs, load_report = data.load_pairs(data_path, d.format, d.on_bad_line)
-  mesh_cfg = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "rules": config.mesh.rules})
+  mesh_cfg = sharding.host_mesh_config(config.mesh.rules)
   loaded = artifacts.load(workdir, checkpoint, mesh_cfg)
-  enc = pipeline.encode(pairs, loaded.tokenizer, d.max_length, d.truncation)
+  enc = tokenizer_lib.encode(pairs, loaded.tokenizer, d.max_length, d.truncation)
   if not len(enc):
     raise ConfigError(f"{data_path}: no pair left after truncation ({d.truncation}, max_length {d.max_length})")
   mesh, rule_table = sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
   graphdef, params = nnx.split(loaded.model, nnx.Param)
-  params_shardings = jax.tree.map(lambda x: x.sharding, params)
-  eval_step = make_eval_step(graphdef, params_shardings, mesh, rule_table)
+  eval_step = state.make_eval_step(graphdef, jax.tree.map(lambda x: x.sharding, params), mesh, rule_table)
   # The eval batch must split over the data axis; round the configured size up to a multiple of it.
   data_size = mesh.shape["data"]
   batch_size = -(-config.train.eval_batch_size // data_size) * data_size
-  batches = pipeline.eval_batches(enc, np.arange(len(enc)), batch_size,
-                                  pipeline.bucket_lengths(d.max_length, d.num_buckets), loaded.tokenizer.pad_token_id,
-                                  jax.process_index(), jax.process_count())
-  means, r_Nx2 = run(eval_step, params, batches, batch_shardings(mesh, rule_table))
-  from jaxreward import analysis  # pylint: disable=g-import-not-at-top
-  r_Nx2 = analysis.to_pair_order(r_Nx2, enc.lengths())
+  evaluation = pipeline.eval_batches(enc, np.arange(len(enc)), batch_size,
+                                     pipeline.bucket_lengths(d.max_length, d.num_buckets),
+                                     loaded.tokenizer.pad_token_id, jax.process_index(), jax.process_count())
+  means, r_Nx2 = state.evaluate(eval_step, params, evaluation, pipeline.Batch.sharding(mesh, rule_table))
   meta = {"model": workdir, "kind": "workdir", "checkpoint_step": loaded.step, "backend": "jax (sharded eval step)",
           "mesh": sharding.describe(mesh), "lines_read": load_report.lines, "bad_lines_skipped": load_report.skipped,
           "max_length": d.max_length, "truncation": d.truncation}
@@ -99,12 +46,10 @@ def score_workdir(workdir: str, checkpoint, data_path: str):
 
 
 def score_hf_folder(folder: str, data_path: str):
-  """The same for an exported HF folder, through jaxreward.score (JAX via jaxreward.hf, else torch)."""
-  from jaxreward import data, pipeline, score  # pylint: disable=g-import-not-at-top
-  from jaxreward.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  """The same for an exported HF folder, through score.py's scorer."""
   pairs, load_report = data.load_pairs(data_path)
   scorer = score.load_scorer(folder)
-  enc = pipeline.encode(pairs, scorer.tokenizer, scorer.max_length, "keep_end")
+  enc = tokenizer_lib.encode(pairs, scorer.tokenizer, scorer.max_length, "keep_end")
   if not len(enc):
     raise ConfigError(f"{data_path}: no pair to score")
   r = scorer.score_ids([sides[0] for sides in enc.ids] + [sides[1] for sides in enc.ids])
@@ -116,9 +61,6 @@ def score_hf_folder(folder: str, data_path: str):
 
 def evaluate_file(model_path: str, data_path: str, checkpoint="best", out_dir: str | None = None) -> dict:
   """Scores `data_path`, analyses it, writes report.json + summary.txt + reliability.png; returns the report."""
-  import os  # pylint: disable=g-import-not-at-top
-  from jaxreward import analysis, report as report_lib, score  # pylint: disable=g-import-not-at-top
-  from jaxreward.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   kind = score.check_model_path(model_path)
   if not os.path.isfile(data_path):
     raise ConfigError(f"{data_path}: no such file")
@@ -137,7 +79,7 @@ def evaluate_file(model_path: str, data_path: str, checkpoint="best", out_dir: s
   result["meta"] = meta
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    report_lib.write_json(os.path.join(out_dir, "report.json"), result)
+    report.write_json(os.path.join(out_dir, "report.json"), result)
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
       f.write(summary_text(result))
   result["out_dir"] = out_dir
@@ -145,39 +87,16 @@ def evaluate_file(model_path: str, data_path: str, checkpoint="best", out_dir: s
 
 
 def summary_text(result: dict) -> str:
-  from jaxreward import analysis  # pylint: disable=g-import-not-at-top
   m = result["meta"]
   step = f" at step {m['checkpoint_step']}" if "checkpoint_step" in m else ""
   head = [f"model: {m['model']}{step} [{m['backend']}]",
           f"data: {m['data']} ({m['pairs_scored']} pairs scored of {m['lines_read']} lines; {m['bad_lines_skipped']} "
           f"bad lines skipped; {m['truncated_pairs']} truncated, {m['dropped_pairs']} dropped at max_length "
           f"{m['max_length']})", ""]
-  return "\n".join(head) + analysis.render_text(result)
-
-
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from jaxreward import configuration  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m jaxreward.evaluate",
-                                   description="Error analysis of a reward model on a preference file.")
-  parser.add_argument("--workdir", required=True, help="a jaxreward work dir or an exported HF folder")
-  parser.add_argument("--data", required=True, help="preference pairs (explicit, implicit or conversational)")
-  parser.add_argument("--checkpoint", default="best", help="best | latest | STEP (work dir only)")
-  parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<data name>)")
-  args = parser.parse_args(argv)
-  try:
-    if args.checkpoint not in ("best", "latest") and not args.checkpoint.isdigit():
-      raise configuration.ConfigError(f"--checkpoint must be best, latest or a step number, got {args.checkpoint!r}")
-    result = evaluate_file(args.workdir, args.data, args.checkpoint, args.out)
-  except configuration.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return configuration.EXIT_BAD_INPUT
-  if jax.process_index() == 0:
-    print(summary_text(result), end="")
-    print(f"wrote {result['out_dir']}/report.json, summary.txt, reliability.png")
-  return configuration.EXIT_OK
+  return "\n".join(head) + report.analysis_text(result)
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  # `python -m jaxreward.evaluate` predates jaxreward.commands; runpy keeps it working without an import cycle.
+  import runpy  # pylint: disable=g-import-not-at-top
+  runpy.run_module("jaxreward.commands.evaluate", run_name="__main__", alter_sys=True)

@@ -3,18 +3,18 @@
 RL stacks (TRL, OpenRLHF, verl) score with the plain transformers calls, so the exported tokenizer must
 produce training's token ids by itself, with no extra arguments:
 
-  tokenizer(prompt + response, truncation=True) == pipeline.encode(...) ids
+  tokenizer(prompt + response, truncation=True) == tokenizer.encode(...) ids
     = leading specials (e.g. BOS) + tokens of the text + EOS, the text cut from the left to data.max_length
 
 That takes a post-processor that appends EOS (saved in tokenizer.json, so it survives from_pretrained),
 `truncation_side="left"` and `model_max_length` = the trained max_length in tokenizer_config.json, and a chat
-template whose rendering, tokenized, gives training's ids: our own BPE gets pipeline.PLAIN_CHAT_TEMPLATE; a
+template whose rendering, tokenized, gives training's ids: our own BPE gets tokenizer.PLAIN_CHAT_TEMPLATE; a
 template that writes BOS itself (the tokenizer adds it now) or ends with EOS (the post-processor adds it) is
 wrapped so it does not. Padding is on the right with a pad token other than EOS (hf.export refuses pad ==
 EOS), so `*ForSequenceClassification`, which reads the last token that is not pad, reads the reward at our
 EOS. A post-processor cannot look at the text, so a plain text that already ends in EOS gets a second one
 from transformers (jaxreward's own encoding keeps one): the scoring contract is to pass text without EOS.
-`save_tokenizer` re-reads what it wrote and checks it against `pipeline.encode`.
+`save_tokenizer` re-reads what it wrote and checks it against `tokenizer.encode`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import transformers
 from tokenizers import processors
 
-from jaxreward import data, pipeline
+from jaxreward import data, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 PROBE_CHAT = [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes, mostly."}]
@@ -45,7 +45,7 @@ def _chat_template(tok, leading: list[int]) -> str | None:
   rendering carries neither the BOS nor the final EOS that the exported tokenizer adds itself."""
   template = getattr(tok, "chat_template", None)
   if not template:
-    return pipeline.PLAIN_CHAT_TEMPLATE
+    return tokenizer_lib.PLAIN_CHAT_TEMPLATE
   if not isinstance(template, str):
     return template  # Several named templates: kept as they are (their chat rows are not checked).
   try:
@@ -62,12 +62,12 @@ def _chat_template(tok, leading: list[int]) -> str | None:
 
 
 def save_tokenizer(tok, out_dir: str, max_length: int):
-  """Writes `tok` to `out_dir` as a tokenizer that encodes like `pipeline.encode(..., max_length)`; returns it
+  """Writes `tok` to `out_dir` as a tokenizer that encodes like `tokenizer.encode(..., max_length)`; returns it
   re-read from disk. ConfigError if the re-read tokenizer does not encode the probes as training does."""
   tok.save_pretrained(out_dir)
   # A fresh copy to edit: the caller's tokenizer (a Scorer's, a test's) stays as it was.
   out = transformers.AutoTokenizer.from_pretrained(out_dir)
-  leading = pipeline.leading_special_ids(tok)
+  leading = tokenizer_lib.leading_special_ids(tok)
   names = out.convert_ids_to_tokens(leading) + [out.eos_token]
   if any(":" in n or " " in n for n in names):
     raise ConfigError(f"hf: cannot write a post-processor for special tokens {names} (':' or ' ' in a name)")
@@ -92,18 +92,18 @@ def save_tokenizer(tok, out_dir: str, max_length: int):
 
 def check(exported, trained, max_length: int) -> None:
   """The exported tokenizer's plain encoding of probe rows (short, longer than max_length, a conversation)
-  equals training's `pipeline.encode`; a ConfigError names the first row that differs."""
+  equals training's `tokenizer.encode`; a ConfigError names the first row that differs."""
   rows = [("Is the sky blue?", " Yes, mostly."), ("", "Yes."),
           ("Count: " + " ".join(str(i) for i in range(4 * max_length)), " Done.")]
   can_chat = isinstance(exported.chat_template, str)
   if can_chat:
     try:
-      pipeline.render(PROBE_CHAT[:1], PROBE_CHAT[1:], trained)
+      tokenizer_lib.render(PROBE_CHAT[:1], PROBE_CHAT[1:], trained)
     except ConfigError:
       can_chat = False  # The trained tokenizer's own template rejects the probe: nothing to compare against.
   if can_chat:
     rows.append((PROBE_CHAT[:1], PROBE_CHAT[1:]))
-  want = pipeline.encode([data.Pair(p, r, r) for p, r in rows], trained, max_length, "keep_end").ids
+  want = tokenizer_lib.encode([data.Pair(p, r, r) for p, r in rows], trained, max_length, "keep_end").ids
   for (prompt, response), (ids, _) in zip(rows, want):
     text = (prompt + response if isinstance(prompt, str)
             else exported.apply_chat_template(prompt + response, tokenize=False))

@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxreward import export as export_lib, model as model_lib, pipeline
+from jaxreward import export as export_lib, model as model_lib, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 # model_type -> the prefix of its HF classes (`LlamaConfig`, `LlamaForSequenceClassification`, ...).
@@ -354,7 +354,7 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
       json.dump(reward_stats, f, indent=2)
   card = export_lib.model_card(
       family=_FAMILIES[model_type], max_length=max_length, eos=exported_tok.eos_token,
-      leading=exported_tok.convert_ids_to_tokens(pipeline.leading_special_ids(exported_tok)), stats=reward_stats,
+      leading=exported_tok.convert_ids_to_tokens(tokenizer_lib.leading_special_ids(exported_tok)), stats=reward_stats,
       evaluation=evaluation, summary=summary, step=step, source=workdir)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
     f.write(card)

@@ -24,12 +24,17 @@ def pair_losses(r_Bx2, margin_B, center_coef: float = 0.0):
   return loss_B, diff_B
 
 
+def correct(diff_B, xp=jnp):
+  """1 right, 0 wrong, 0.5 for a tie (an untrained model that scores everything equal sits at the 50% baseline).
+  The one tie rule of training, analysis and scoring: `xp` is jax.numpy or numpy."""
+  return xp.where(diff_B > 0, 1.0, xp.where(diff_B == 0, 0.5, 0.0))
+
+
 def batch_sums(r_Bx2, weight_B, margin_B, center_coef: float = 0.0) -> dict:
   """Weighted sums over the batch; `finalize` turns them into means."""
   loss_B, diff_B = pair_losses(r_Bx2, margin_B, center_coef)
   w_B = weight_B.astype(jnp.float32)
-  # A tie is half right: an untrained model that scores everything equal sits at the 50% baseline.
-  correct_B = jnp.where(diff_B > 0, 1.0, jnp.where(diff_B == 0, 0.5, 0.0))
+  correct_B = correct(diff_B)
   return {
       "count": jnp.sum(w_B),
       "loss": jnp.sum(w_B * loss_B),

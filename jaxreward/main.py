@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxreward import configuration
+from jaxreward import configuration, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Run configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder; re-running with it resumes.")
@@ -26,9 +26,7 @@ def main(argv):
     print(f"error: bad config {flags.FLAGS['config'].config_filename}: {type(e).__name__}: {one_line(e)}",
           file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
-  from jaxreward import sharding, train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:
-    configuration.validate(config)
     sharding.initialize_processes(config.distributed)
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except configuration.ConfigError as e:
@@ -86,5 +84,9 @@ def _without_traceback(message: str) -> str:
   return head.strip() + " " + " ".join(last)
 
 
-if __name__ == "__main__":
+def run() -> None:
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -217,32 +217,26 @@ class RewardModel(nnx.Module):
     self.score_Dx1 = _param(rngs, (cfg.hidden_size, 1), (EMBED, SCORE), 1.0 / math.sqrt(cfg.hidden_size + 1),
                             cfg.param_dtype)
 
-  def hidden_at_last_token(self, tokens_BxL, lengths_B):
-    h_BxLxD = self.backbone(tokens_BxL)
-    last_B = jnp.maximum(lengths_B - 1, 0)
-    return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0, :]
-
   def head(self, h_BxD):
     return jnp.einsum("bd,do->bo", h_BxD.astype(jnp.float32), self.score_Dx1[...].astype(jnp.float32))[:, 0]
 
-  def __call__(self, tokens_BxL, lengths_B):
-    """Reward per sequence, float32, shape [B]."""
-    return self.head(self.hidden_at_last_token(tokens_BxL, lengths_B))
+  def score(self, tokens_GxRxL, ends_GxBxP, positions_GxRxL=None, segments_GxRxL=None):
+    """Rewards of the pairs of a batch (pipeline.Batch's layout), float32 [G, B, P].
 
-  def score_pairs(self, tokens_BxPxL, lengths_BxP):
-    """Rewards of both sides of each pair; the pair axis is folded into the batch around the backbone."""
-    b, p, l = tokens_BxPxL.shape
-    r_BP = self(tokens_BxPxL.reshape(b * p, l), lengths_BxP.reshape(b * p))
-    return r_BP.reshape(b, p)
-
-  def score_packed(self, tokens_GxRxL, positions_GxRxL, segments_GxRxL, ends_GxBxP):
-    """Rewards of packed pairs: group g's R rows hold the sequences of its B pairs, and `ends_GxBxP` is each
-    side's EOS as a flat index r·L + l into its group's rows. Groups are the sharded axis, so every gather
-    stays on the device that holds the group; groups x rows fold into the batch around the backbone."""
+    Group g's R rows hold the sequences of its B pairs; `ends_GxBxP` is each side's EOS as a flat index r·L + l
+    into its group's rows. Packed rows pass each token's position in, and segment id of, its own sequence;
+    without them every row is one sequence starting at position 0. Groups are the sharded axis, so every gather
+    stays on the device that holds the group; groups x rows fold into the batch around the backbone.
+    """
     g, r, l = tokens_GxRxL.shape
     _, b, p = ends_GxBxP.shape
-    h_GRxLxD = self.backbone(tokens_GxRxL.reshape(g * r, l), positions_GxRxL.reshape(g * r, l),
-                             segments_GxRxL.reshape(g * r, l))
+    fold = lambda x: None if x is None else x.reshape(g * r, l)
+    h_GRxLxD = self.backbone(fold(tokens_GxRxL), fold(positions_GxRxL), fold(segments_GxRxL))
     h_GxRLxD = h_GRxLxD.reshape(g, r * l, -1)
     h_GxBPxD = jnp.take_along_axis(h_GxRLxD, ends_GxBxP.reshape(g, b * p)[:, :, None], axis=1)
     return self.head(h_GxBPxD.reshape(g * b * p, -1)).reshape(g, b, p)
+
+  def __call__(self, tokens_BxL, lengths_B):
+    """Reward per right-padded sequence, float32 [B]: `score` with one sequence per group."""
+    last_Bx1x1 = jnp.maximum(jnp.asarray(lengths_B) - 1, 0)[:, None, None]
+    return self.score(jnp.asarray(tokens_BxL)[:, None], last_Bx1x1)[:, 0, 0]

@@ -1,171 +1,37 @@
-"""Pairs -> token ids -> length-bucketed batches, streamed through grain with exact resume.
+"""Token ids -> batches: the training plan, the two layouts, packing, the grain iterator, evaluation batches.
 
-A batch is a dict of numpy arrays holding this host's rows of the global batch:
-  tokens_BxPxL int32   chosen (p=0) and rejected (p=1), right-padded with the pad id
-  lengths_BxP  int32   real tokens per sequence; the reward is read at lengths-1 (the EOS)
-  weight_B     float32 1 for a real pair, 0 for filler in the last evaluation batch
-  margin_B     float32 the dataset's preference margin (0 when absent)
+Every batch, packed or not, is one `Batch` (below): G groups of R rows of L tokens that hold the sequences of
+the group's B/G pairs, plus where each side's EOS lies. The model reads it through one entry point
+(`RewardModel.score`), the loss through one path (`state.batch_rewards`).
 
-Training batches follow a plan that depends only on (seed, epoch): shuffle, sort windows of
-`sort_window` batches by length, cut into batches, shuffle the batches. A layout turns each batch's pair
-indices into arrays: `BucketedLayout` pads it to the smallest of a few bucket lengths that fits it (the
-layout above; evaluation always uses it), `packing.PackedLayout` packs its sequences into rows (training
-with data.packing; no length sorting is needed then). Either way XLA compiles few programs. The grain
-iterator's state (the next step) is saved with every checkpoint.
+Training batches follow a plan that depends only on (seed, epoch): shuffle, sort windows of `sort_window`
+batches by length, cut into batches, shuffle the batches. A layout turns each batch's pair indices into a
+Batch: `BucketedLayout` puts one pair in each group, one sequence per row, padded to the smallest of a few
+bucket lengths that fits the batch (evaluation always uses it); `PackedLayout` lays sequences end to end in
+rows of `data.pack_length` (or max_length) tokens (training with data.packing; no length sorting is needed
+then). Either way XLA compiles few programs. The grain iterator's state (the next step) is saved with every
+checkpoint.
+
+Packing: bucketing alone cannot go below the padding of one sequence per row (chosen and rejected share one
+width, and a pair's sides differ in length). A packed batch has positions and segments; group g holds pairs
+g·B/G ... (g+1)·B/G - 1 of the batch. G is data x fsdp x grad_accum_steps, so each device's microbatch is whole
+groups and the reward gather never crosses devices. R varies with the batch; it is rounded up to one of a few
+row counts (chosen from the first epoch's batches) so XLA compiles few programs. A pair's reward is the same
+packed or not: the mask and positions make each sequence see exactly what it would see alone
+(tests/test_pipeline.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from absl import logging
+from flax import struct
 import grain
+import jax
 import numpy as np
 
+from jaxreward import sharding, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
-from jaxreward.data import Pair
-
-# The plain template, for conversations when the tokenizer has no chat template (e.g. our own BPE):
-#   prompt   = "<|user|>\nHi\n" ... (every prompt message as PLAIN_TEMPLATE) + "<|assistant|>\n"
-#   response = "Hello\n" (+ "<|assistant|>\nmore\n" for each further response message)
-# so prompt + response is exactly the PLAIN_TEMPLATE rendering of the whole conversation; EOS follows.
-PLAIN_TEMPLATE = "<|{role}|>\n{content}\n"
-# The same as a Jinja chat template, for exported tokenizers (export.py): `apply_chat_template` then renders
-# what training rendered.
-PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-_warned_templates = set()
-
-
-def _chat(tok, messages, **kwargs) -> str:
-  try:
-    return tok.apply_chat_template(messages, tokenize=False, **kwargs)
-  except Exception as e:  # Jinja templates raise anything (TemplateError, TypeError) on roles they reject.
-    first = str(messages[0].get("content", ""))[:40] if messages else ""
-    raise ConfigError(f"tokenizer: the chat template cannot render the conversation starting {first!r} "
-                      f"({type(e).__name__}: {e}); fix the roles or set data.tokenizer to one whose template "
-                      "accepts them") from None
-
-
-def render(pair_side_prompt, response, tok) -> tuple[str, str]:
-  """(prompt text, response text) of one side; prompt + response is the text that is scored.
-
-  Text pairs are used as they are (no separator is added). Conversations go through the tokenizer's chat
-  template when it has one, else through PLAIN_TEMPLATE (above). The prompt is the template's rendering
-  with the generation prompt; the response is what the whole conversation's rendering adds to it. Templates
-  whose whole rendering does not extend that prefix (some add a generation prompt the conversation does not
-  contain, e.g. an empty "<think>" block) fall back to the longest shared prefix: the scored text is still the
-  template's exact rendering, only the prompt/response boundary moves, and that boundary only decides what
-  keep_end truncation cuts first. A template that drops the response text is an error, not a silent pair.
-  """
-  if isinstance(pair_side_prompt, str):
-    return pair_side_prompt, response
-  if getattr(tok, "chat_template", None):
-    prompt_text = _chat(tok, pair_side_prompt, add_generation_prompt=True)
-    full = _chat(tok, pair_side_prompt + response)
-    if not full.startswith(prompt_text):
-      bare = _chat(tok, pair_side_prompt)
-      if full.startswith(bare):
-        prompt_text = bare
-      else:
-        prompt_text = full[:len(os.path.commonprefix([prompt_text, full]))]
-        key = getattr(tok, "name_or_path", "") or str(hash(tok.chat_template))
-        if key not in _warned_templates:
-          _warned_templates.add(key)
-          logging.warning("chat template of %r: the conversation's rendering does not start with the prompt's "
-                          "rendering; splitting prompt and response at their longest shared prefix", key)
-    body = full[len(prompt_text):]
-    # The tail of each message must survive (some templates rewrite a reasoning head, none the answer's end).
-    missing = [m["content"] for m in response if m["content"].strip()[-32:] not in body]
-    if missing:
-      raise ConfigError(f"tokenizer: the chat template drops the response text {missing[0][:40]!r} (after the "
-                        f"prompt it renders only {body[:60]!r}); use a tokenizer whose template renders the last "
-                        "assistant turn")
-    return prompt_text, body
-  prompt_text = "".join(PLAIN_TEMPLATE.format(**m) for m in pair_side_prompt) + "<|assistant|>\n"
-  body = "".join(PLAIN_TEMPLATE.format(**m) for m in response)
-  return prompt_text, body[len("<|assistant|>\n"):]
-
-
-def texts_for_tokenizer(pairs: list[Pair]):
-  for p in pairs:
-    for response in (p.chosen, p.rejected):
-      prompt, body = render(p.prompt, response, None)
-      yield prompt + body
-
-
-@dataclasses.dataclass
-class Encoded:
-  ids: list  # [pair][side] -> np.int32 array, EOS last.
-  margin: np.ndarray  # [pair] float32
-  pairs: list  # The Pair records kept, aligned with ids.
-  truncated: int = 0  # Pairs with at least one side cut to max_length.
-  dropped: int = 0  # Pairs skipped under truncation="drop".
-
-  def __len__(self):
-    return len(self.ids)
-
-  def lengths(self) -> np.ndarray:
-    return np.array([[len(a), len(b)] for a, b in self.ids], dtype=np.int32).reshape(-1, 2)
-
-
-def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
-  """Token ids of both sides of every pair: `sequence(tokens of prompt + response)`.
-
-  The scored text (prompt and response joined with nothing between, or a chat template's rendering) is
-  tokenized as ONE string, as `tokenizer(prompt + response)` does in transformers: tokenizing the two parts
-  apart can split differently where they meet, and an exported tokenizer could not reproduce that.
-  """
-  eos = tok.eos_token_id
-  out = Encoded(ids=[], margin=np.zeros(0, np.float32), pairs=[])
-  margins = []
-  leading = leading_special_ids(tok)
-  if max_length < len(leading) + 2:
-    raise ConfigError(f"config: data.max_length={max_length} leaves no room for text between the tokenizer's "
-                      f"{len(leading)} leading special tokens and EOS")
-  texts = ["".join(render(pair.prompt, response, tok)) for pair in pairs for response in (pair.chosen, pair.rejected)]
-  # verbose=False: no "longer than the maximum" warning; sequence() cuts.
-  bodies = tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-  for i, pair in enumerate(pairs):
-    (chosen, cut_c), (rejected, cut_r) = (sequence(bodies[2 * i + s], leading, eos, max_length) for s in (0, 1))
-    if (cut_c or cut_r) and truncation == "drop":
-      out.dropped += 1
-      continue
-    out.truncated += cut_c or cut_r
-    out.ids.append([chosen, rejected])
-    out.pairs.append(pair)
-    margins.append(pair.margin)
-  out.margin = np.asarray(margins, np.float32)
-  return out
-
-
-def sequence(body: list[int], leading: list[int], eos: int, max_length: int) -> tuple[np.ndarray, bool]:
-  """(leading specials + body + EOS, whether body was cut): each special exactly once, the body cut from the left.
-
-  This is the encoding an exported tokenizer's post-processor reproduces (export.py): leading specials (e.g.
-  BOS; a chat template that writes them itself does not get a second copy), then the text, then one EOS (a
-  text already ending in EOS does not get a second one), and a text too long for `max_length` loses its
-  beginning, never the leading specials, its end or the EOS where the reward is read.
-  """
-  body = list(body)
-  if leading and body[:len(leading)] == leading:
-    body = body[len(leading):]
-  if body and body[-1] == eos:
-    body = body[:-1]
-  room = max_length - len(leading) - 1
-  cut = len(body) > room
-  return np.asarray(leading + body[len(body) - room if cut else 0:] + [eos], np.int32), cut
-
-
-def leading_special_ids(tok) -> list[int]:
-  """The special tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, none for GPT-2)."""
-  plain = tok("x", add_special_tokens=False)["input_ids"]
-  full = tok("x", add_special_tokens=True)["input_ids"]
-  for start in range(len(full) - len(plain) + 1):
-    if full[start:start + len(plain)] == plain:
-      return full[:start]
-  return []
 
 
 def bucket_lengths(max_length: int, num_buckets: int) -> list[int]:
@@ -178,37 +44,169 @@ def smallest_fitting(buckets, size: int) -> int:
   return next(b for b in buckets if b >= size)
 
 
-def collate(enc: Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int) -> dict:
-  lengths_BxP = np.zeros((len(indices), 2), np.int32)
-  for row, i in enumerate(indices):
-    lengths_BxP[row] = [len(enc.ids[i][0]), len(enc.ids[i][1])]
+@struct.dataclass
+class Batch:
+  """This host's groups of a global batch (numpy on the host, jax arrays once on device).
+
+  tokens_GxRxL    int32   G groups of R rows of L tokens: whole sequences back to back, then pad ids
+  ends_GxBxP      int32   where each side's EOS (the token whose state is scored) lies: flat index r·L + l
+  weight_GxB      float32 1 for a real pair, 0 for filler in the last evaluation batch
+  margin_GxB      float32 the dataset's preference margin (0 when absent)
+  positions_GxRxL int32   each token's position within its own sequence (RoPE restarts per sequence)
+  segments_GxRxL  int32   1, 2, ... for the sequences of a row, 0 for padding (attention stays inside one)
+  The last two are None when every row holds one sequence from position 0 (BucketedLayout): no mask beyond
+  the causal one is needed then, since padding only follows the EOS.
+  """
+
+  tokens_GxRxL: np.ndarray
+  ends_GxBxP: np.ndarray
+  weight_GxB: np.ndarray
+  margin_GxB: np.ndarray
+  positions_GxRxL: np.ndarray | None = None
+  segments_GxRxL: np.ndarray | None = None
+
+  @staticmethod
+  def sharding(mesh, rule_table):
+    """Groups over the batch shards, every other axis replicated: one sharding for every field."""
+    return sharding.batch_sharding(mesh, rule_table)
+
+  def on_device(self, batch_sharding) -> Batch:
+    """Each host contributes its groups; together they form the global batch."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), self)
+
+  def real_tokens(self) -> int:
+    if self.segments_GxRxL is not None:
+      return int((self.segments_GxRxL > 0).sum())
+    return int((self.ends_GxBxP % self.tokens_GxRxL.shape[-1] + 1).sum())  # One sequence per row.
+
+
+def collate(enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int,
+            rows: slice = slice(None)) -> Batch:
+  """One pair per group, one sequence per row (R = 2), padded to the smallest bucket that fits the whole batch;
+  only the pairs `rows` (this host's) are laid out."""
+  lengths_BxP = np.array([[len(enc.ids[i][0]), len(enc.ids[i][1])] for i in indices], np.int32).reshape(-1, 2)
   padded = smallest_fitting(buckets, lengths_BxP.max())
+  indices, lengths_BxP, weight = indices[rows], lengths_BxP[rows], weight[rows]
   tokens_BxPxL = np.full((len(indices), 2, padded), pad_id, np.int32)
   for row, i in enumerate(indices):
     for p in range(2):
       tokens_BxPxL[row, p, :lengths_BxP[row, p]] = enc.ids[i][p]
-  return {"tokens_BxPxL": tokens_BxPxL, "lengths_BxP": lengths_BxP, "weight_B": weight.astype(np.float32),
-          "margin_B": enc.margin[indices]}
+  ends_Bx1xP = (np.arange(2, dtype=np.int32) * padded + lengths_BxP - 1)[:, None, :]
+  return Batch(tokens_GxRxL=tokens_BxPxL, ends_GxBxP=ends_Bx1xP, weight_GxB=weight.astype(np.float32)[:, None],
+               margin_GxB=enc.margin[indices][:, None])
 
 
 class BucketedLayout:
-  """The B x P x L layout: each batch padded to the smallest bucket length that fits its longest sequence."""
+  """Batches of one pair per group, each batch padded to the smallest bucket length that fits its longest
+  sequence."""
 
   def __init__(self, buckets: list[int], pad_id: int):
     self.buckets, self.pad_id = buckets, pad_id
 
-  def collate(self, enc: Encoded, indices: np.ndarray, weight: np.ndarray) -> dict:
-    return collate(enc, indices, weight, self.buckets, self.pad_id)
+  def groups_of(self, batch_size: int) -> int:
+    return batch_size
 
-  def slots(self, enc: Encoded, indices: np.ndarray) -> int:
+  def collate(self, enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray,
+              rows: slice = slice(None)) -> Batch:
+    return collate(enc, indices, weight, self.buckets, self.pad_id, rows)
+
+  def slots(self, enc: tokenizer_lib.Encoded, indices: np.ndarray) -> int:
     longest = max(max(len(enc.ids[i][0]), len(enc.ids[i][1])) for i in indices)
     return smallest_fitting(self.buckets, longest) * len(indices) * 2
+
+
+def first_fit_decreasing(lengths_N: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Places sequences into rows, longest first, each into the first row with room: (row_N, offset_N, rows)."""
+  row_N, offset_N = np.zeros(len(lengths_N), np.int32), np.zeros(len(lengths_N), np.int32)
+  used = []  # Tokens already placed in each row.
+  for i in np.argsort(-lengths_N, kind="stable"):
+    n = int(lengths_N[i])
+    if n > row_length:
+      raise ValueError(f"a sequence of {n} tokens does not fit a row of {row_length}")
+    row = next((r for r, u in enumerate(used) if u + n <= row_length), len(used))
+    if row == len(used):
+      used.append(0)
+    row_N[i], offset_N[i] = row, used[row]
+    used[row] += n
+  return row_N, offset_N, len(used)
+
+
+class PackedLayout:
+  """Packs each group's sequences into rows (first fit decreasing); a batch's placement is computed once and
+  shared by the row-bucket fit, the padding figures and the collation."""
+
+  def __init__(self, row_length: int, groups: int, batch_size: int, pad_id: int):
+    if batch_size % groups:
+      raise ConfigError(f"config: train.batch_size={batch_size} does not split into {groups} packing groups "
+                        "(data x fsdp x grad_accum_steps)")
+    self.row_length, self.groups, self.pad_id = row_length, groups, pad_id
+    # One row per sequence always suffices; the bucket set below starts as just that.
+    self.row_buckets = [2 * batch_size // groups]
+    self._placements = {}  # Pair indices (bytes) -> [(row_N, offset_N, rows)] per group.
+
+  def groups_of(self, batch_size: int) -> int:
+    return self.groups
+
+  def placements(self, enc, indices) -> list:
+    key = np.asarray(indices).tobytes()
+    if key not in self._placements:
+      # Chosen and rejected of each pair side by side: [G, 2·B/G] sequence lengths.
+      lengths_GxN = np.array([[len(enc.ids[i][0]), len(enc.ids[i][1])] for i in indices],
+                             np.int32).reshape(self.groups, -1)
+      self._placements[key] = [first_fit_decreasing(lengths, self.row_length) for lengths in lengths_GxN]
+    return self._placements[key]
+
+  def rows_needed(self, enc, indices) -> int:
+    return max(p[2] for p in self.placements(enc, indices))
+
+  def fit_buckets(self, rows_per_batch, num_buckets: int) -> list[int]:
+    """Row counts to round up to: quantiles of the observed counts, a little headroom for later epochs (whose
+    batches differ), and the count that always suffices (one row per sequence)."""
+    rows = np.asarray(rows_per_batch)
+    quantiles = np.quantile(rows, np.arange(1, num_buckets + 1) / num_buckets, method="higher")
+    top, always = int(rows.max()), self.row_buckets[-1]
+    self.row_buckets = sorted({int(q) for q in quantiles} | {min(top + max(1, top // 8), always), always})
+    return self.row_buckets
+
+  def padded_rows(self, rows: int) -> int:
+    return smallest_fitting(self.row_buckets, rows)
+
+  def slots(self, enc, indices) -> int:
+    """Token slots the batch occupies once packed (its real tokens plus padding)."""
+    return self.groups * self.padded_rows(self.rows_needed(enc, indices)) * self.row_length
+
+  def collate(self, enc, indices: np.ndarray, weight: np.ndarray, rows: slice = slice(None)) -> Batch:
+    """The batch's groups `rows` (this host's); the row count comes from every group, so all hosts agree."""
+    width, placements = self.row_length, self.placements(enc, indices)
+    num_rows = self.padded_rows(max(p[2] for p in placements))
+    pairs_per_group = len(indices) // self.groups
+    mine = range(self.groups)[rows]
+    tokens = np.full((len(mine), num_rows, width), self.pad_id, np.int32)
+    positions = np.zeros((len(mine), num_rows, width), np.int32)
+    segments = np.zeros((len(mine), num_rows, width), np.int32)
+    ends = np.zeros((len(mine), pairs_per_group, 2), np.int32)
+    for slot, g in enumerate(mine):
+      row_N, offset_N, _ = placements[g]
+      segments_in_row = np.zeros(num_rows, np.int32)
+      for n, (row, offset) in enumerate(zip(row_N, offset_N)):
+        pair, side = divmod(n, 2)
+        ids = enc.ids[indices[g * pairs_per_group + pair]][side]
+        span = slice(offset, offset + len(ids))
+        segments_in_row[row] += 1
+        tokens[slot, row, span] = ids
+        positions[slot, row, span] = np.arange(len(ids))
+        segments[slot, row, span] = segments_in_row[row]
+        ends[slot, pair, side] = row * width + offset + len(ids) - 1
+    return Batch(tokens_GxRxL=tokens, ends_GxBxP=ends,
+                 weight_GxB=weight.astype(np.float32).reshape(self.groups, -1)[rows],
+                 margin_GxB=enc.margin[indices].reshape(self.groups, -1)[rows], positions_GxRxL=positions,
+                 segments_GxRxL=segments)
 
 
 class TrainPlan:
   """Which pairs form global batch `step`; a pure function of (seed, step)."""
 
-  def __init__(self, enc: Encoded, batch_size: int, sort_window: int, seed: int):
+  def __init__(self, enc: tokenizer_lib.Encoded, batch_size: int, sort_window: int, seed: int):
     if len(enc) < batch_size:
       raise ConfigError(f"data: only {len(enc)} training pairs for a batch of {batch_size} (train.batch_size)")
     self.enc, self.batch_size, self.sort_window, self.seed = enc, batch_size, sort_window, seed
@@ -250,26 +248,54 @@ def host_rows(leading: int, process_index: int, process_count: int, what: str = 
   return slice(process_index * per, (process_index + 1) * per)
 
 
+def make_plan(config, enc: tokenizer_lib.Encoded) -> TrainPlan:
+  # Packed batches are drawn unsorted: any mix of lengths packs well, while length-sorted batches vary so much
+  # in row count that they need many more row buckets (ETHICS: 16-20% padding instead of 4%).
+  d, t = config.data, config.train
+  return TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
+
+
+def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int, process_count: int):
+  """(layout, description) of training batches: packed rows or length buckets."""
+  d, t = config.data, config.train
+  if d.packing:
+    layout = PackedLayout(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
+                                  pad_id)
+    host_rows(layout.groups, process_index, process_count, "packing groups (data x fsdp x grad_accum_steps)")
+    layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
+    return layout, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {layout.row_length}"
+  buckets = bucket_lengths(d.max_length, d.num_buckets)
+  host_rows(t.batch_size, process_index, process_count)
+  return BucketedLayout(buckets, pad_id), f"buckets {buckets}"
+
+
 def train_dataset(plan: TrainPlan, num_steps: int, layout, process_index: int, process_count: int):
   """A grain IterDataset of this host's rows of batches 0..num_steps-1; resumable via get/set_state."""
 
   def make_batch(step):
     indices = plan.indices(int(step))
-    # Shapes (padded width, packed rows) come from the whole global batch so every host builds the same.
-    batch = layout.collate(plan.enc, indices, np.ones(len(indices)))
-    rows = host_rows(next(iter(batch.values())).shape[0], process_index, process_count)
-    return {k: v[rows] for k, v in batch.items()}
+    # Each host lays out only its own groups; shapes come from the whole batch, so every host's agree.
+    rows = host_rows(layout.groups_of(len(indices)), process_index, process_count)
+    return layout.collate(plan.enc, indices, np.ones(len(indices)), rows)
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
 
-def eval_batches(enc: Encoded, indices: np.ndarray, batch_size: int, buckets, pad_id: int, process_index: int,
-                 process_count: int) -> list[dict]:
-  """Fixed evaluation batches, sorted by length; the last is filled with weight-0 copies."""
+@dataclasses.dataclass
+class EvalBatches:
+  """Fixed evaluation batches, and for each real pair in batch order its position in the indices asked for."""
+  batches: list[Batch]
+  positions: np.ndarray
+
+
+def eval_batches(enc: tokenizer_lib.Encoded, indices: np.ndarray, batch_size: int, buckets, pad_id: int,
+                 process_index: int, process_count: int) -> EvalBatches:
+  """Batches of the pairs `indices`, sorted by length; the last is filled with weight-0 copies."""
   rows = host_rows(batch_size, process_index, process_count)
   lengths = enc.lengths().max(axis=1)
-  ordered = indices[np.argsort(lengths[indices], kind="stable")]
+  positions = np.argsort(lengths[indices], kind="stable")
+  ordered = indices[positions]
   batches = []
   for start in range(0, len(ordered), batch_size):
     chunk = ordered[start:start + batch_size]
@@ -277,6 +303,5 @@ def eval_batches(enc: Encoded, indices: np.ndarray, batch_size: int, buckets, pa
     if len(chunk) < batch_size:
       weight[len(chunk):] = 0.0
       chunk = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-    batch = collate(enc, chunk, weight, buckets, pad_id)
-    batches.append({k: v[rows] for k, v in batch.items()})
-  return batches
+    batches.append(collate(enc, chunk, weight, buckets, pad_id, rows))
+  return EvalBatches(batches, positions)

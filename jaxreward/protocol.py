@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from jaxreward import pipeline
+from jaxreward import tokenizer as tokenizer_lib
 
 ROLE_CONTENT = "a non-empty list of {\"role\", \"content\"} messages"
 
@@ -142,7 +142,7 @@ class QuerySplitter:
 
   def __init__(self, tok):
     self.pad, self.eos = tok.pad_token or "", tok.eos_token or ""
-    self.leading = tok.decode(pipeline.leading_special_ids(tok))
+    self.leading = tok.decode(tokenizer_lib.leading_special_ids(tok))
 
   def _clean(self, text: str, tail: bool) -> str:
     while self.pad and text.startswith(self.pad):

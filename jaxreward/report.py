@@ -1,23 +1,33 @@
-"""What a run leaves in its work dir for people: metrics.jsonl, metrics.json, learning curves, model card."""
+"""What a run leaves in its work dir for people: metrics.jsonl, metrics.json, learning curves, model card.
+
+`finish` is the post-run report: the gate's verdict on the best checkpoint, the error analysis of its
+validation rewards, metrics.json, learning_curves.png and the README.md model card.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import matplotlib
+import tensorboardX
+
+from jaxreward import analysis, gate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
 class MetricsLog:
-  """Append-only metrics.jsonl; on resume, rows past the restored step are dropped (they were never saved)."""
+  """Append-only metrics.jsonl, and the same rows as TensorBoard scalars (`<kind>/<key>`, tensorboardX event
+  files in the work dir; a resumed run starts a new file, which TensorBoard merges by step). On resume, rows
+  past the restored step are dropped from metrics.jsonl (they were never saved)."""
 
-  def __init__(self, workdir: str, resume_step: int, enabled: bool, scalars_writer=None):
+  def __init__(self, workdir: str, resume_step: int, enabled: bool):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
-    self.scalars_writer = scalars_writer  # e.g. tensorboard.Writer: the same rows as TensorBoard scalars.
+    self.events = tensorboardX.SummaryWriter(workdir) if enabled else None
     self.rows = []
     if os.path.exists(self.path):
       with open(self.path) as f:
@@ -31,16 +41,58 @@ class MetricsLog:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
-    if self.scalars_writer is not None:
-      self.scalars_writer.scalars(row["step"], {f"{row['kind']}/{k}": v for k, v in row.items()
-                                                if k not in ("kind", "step")})
+    if self.events is not None:
+      for key, value in row.items():
+        # Only finite numbers are scalars: None (e.g. no interval loss yet), lists and NaN are left out.
+        if key not in ("kind", "step") and is_scalar(value):
+          self.events.add_scalar(f"{row['kind']}/{key}", float(value), row["step"])
+      self.events.flush()  # Rows come every log_every steps: a live TensorBoard sees each at once.
 
   def close(self) -> None:
-    if self.scalars_writer is not None:
-      self.scalars_writer.close()
+    if self.events is not None:
+      self.events.close()
+      self.events = None
 
   def evals(self) -> list[dict]:
     return [r for r in self.rows if r["kind"] == "eval"]
+
+
+def is_scalar(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finish(workdir: str, config, history: MetricsLog, best_step: int, best_rewards, validation, facts: dict,
+           is_main: bool) -> dict:
+  """The summary of a finished run (written to metrics.json by the main process), the gate printed on stdout.
+
+  best_rewards: the best checkpoint's [N, 2] rewards on `validation` (a `tokenizer.Encoded`), in pair order.
+  facts: what the run measured beside the eval rows (parameters, steps, padding, mesh, wall time, data stats).
+  """
+  evals = history.evals()
+  best = next(r for r in evals if r["step"] == best_step)
+  verdict = gate.judge(best, [r["interval_train_loss"] for r in evals if r["interval_train_loss"] is not None],
+                       config.gate)
+  # Error analysis of the best checkpoint on the validation split: baselines, length bias, calibration.
+  validation_analysis = analysis.for_training(
+      validation, best_rewards, os.path.join(workdir, "reliability.png") if is_main else None)
+  warning = analysis.length_warning(validation_analysis)
+  if warning:
+    verdict["warnings"] = [warning]
+  summary = {
+      "train_accuracy": best["train_accuracy"], "val_accuracy": best["val_accuracy"],
+      "overfitting_gap": best["overfitting_gap"], "val_loss": best["val_loss"], "train_loss": best["train_loss"],
+      "val_reward_mean": best["val_reward_mean"], "val_reward_std": best["val_reward_std"],
+      "best_step": best_step, "random_baseline_accuracy": 0.5, **facts,
+      "gate": verdict, "gate_pass": verdict["pass"], "validation_analysis": validation_analysis,
+  }
+  gate_text = gate.render(verdict)
+  if is_main:
+    write_json(os.path.join(workdir, "metrics.json"), summary)
+    plot_curves(history.rows, os.path.join(workdir, "learning_curves.png"))
+    with open(os.path.join(workdir, "README.md"), "w") as f:
+      f.write(model_card(summary, config, gate_text, analysis_markdown(validation_analysis)))
+    print(gate_text, flush=True)
+  return summary
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
@@ -132,3 +184,100 @@ def _forced_resumes(forced) -> list[str]:
   for f in forced:
     lines.append(f"- at step {f['step']} ({f['at']}): " + "; ".join(f["differences"]))
   return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error analysis (analysis.py) as text and markdown
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f(x, spec=".4f"):
+  return "n/a" if x is None else format(x, spec)
+
+
+def analysis_text(report: dict, max_categories: int = 60) -> str:
+  r, acc, lb = report, report["accuracy"], report["length_bias"]
+  lines = [
+      f"pairs: {r['num_pairs']}",
+      f"accuracy: {acc['value']:.4f}  (95% CI {acc['ci95'][0]:.4f}–{acc['ci95'][1]:.4f}; {acc['correct']:g} right)",
+      f"loss (Bradley-Terry): {r['loss']:.4f}",
+      f"reward chosen:   mean {_f(r['rewards']['chosen']['mean'])}  std {_f(r['rewards']['chosen']['std'])}",
+      f"reward rejected: mean {_f(r['rewards']['rejected']['mean'])}  std {_f(r['rewards']['rejected']['std'])}",
+      "margin (chosen − rejected): mean {:.4f}  std {:.4f}  quantiles {}".format(
+          r["margin"]["mean"], r["margin"]["std"],
+          " ".join(f"{k}={v:+.3f}" for k, v in r["margin"]["quantiles"].items())),
+      "", "baselines on the same pairs (ties count half):",
+      f"  {'model':<24} {acc['value']:.4f}",
+  ]
+  lines += [f"  {k:<24} {v:.4f}" for k, v in r["baselines"].items()]
+  lines += [f"  model − best length heuristic ({r['best_length_baseline']['name']}): "
+            f"{r['vs_best_length_baseline']:+.4f}"]
+  lines += ["", f"length bias (full response lengths in {lb['unit']}):"]
+  for name in ("chosen_longer", "chosen_shorter", "equal_length"):
+    lines.append(f"  accuracy when {name.replace('_', ' '):<15} {_f(lb[name]['accuracy'])}  (n={lb[name]['n']})")
+  lines.append(f"  model prefers the longer response in {_f(lb['prefers_longer'], '.1%')} of unequal pairs; "
+               f"corr(margin, length difference): Pearson {_f(lb['pearson'], '+.3f')}, "
+               f"Spearman {_f(lb['spearman'], '+.3f')}")
+  lbt = r.get("length_bias_tokens")
+  if lbt:
+    lines.append(f"  in tokens as scored (after truncation): accuracy {_f(lbt['chosen_longer']['accuracy'])} chosen "
+                 f"longer (n={lbt['chosen_longer']['n']}) / {_f(lbt['chosen_shorter']['accuracy'])} shorter "
+                 f"(n={lbt['chosen_shorter']['n']}) / {_f(lbt['equal_length']['accuracy'])} equal "
+                 f"(n={lbt['equal_length']['n']}); Pearson {_f(lbt['pearson'], '+.3f')}")
+  cal = r["calibration"]
+  lines += ["", f"calibration: ECE {_f(cal['ece'])} (10 bins of max(σ(margin), 1 − σ(margin)); "
+            f"mean confidence {_f(cal['mean_confidence'])})"]
+  for b in cal["bins"]:
+    if b["n"]:
+      lines.append(f"  [{b['lo']:.2f}, {b['hi']:.2f}) n={b['n']:<5} confidence {b['confidence']:.3f} "
+                   f"accuracy {b['accuracy']:.3f}")
+  for field, cats in r["by_category"].items():
+    shown = [(k, v) for k, v in cats.items() if v["n"] >= analysis.MIN_CATEGORY_SHOWN][:max_categories]
+    lines += ["", f"accuracy by {field} ({len(cats)} values; {len(shown)} with ≥{analysis.MIN_CATEGORY_SHOWN} pairs shown, "
+              "worst first):"]
+    for k, v in sorted(shown, key=lambda kv: kv[1]["accuracy"]):
+      lines.append(f"  {k[:40]:<40} n={v['n']:<4} accuracy {v['accuracy']:.3f} "
+                   f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]  longer-wins {v['longer_wins']:.3f}")
+  if r["hardest"]:
+    lines += ["", "most confident mistakes:"]
+    for h in r["hardest"]:
+      cat = f" [{h['category']}]" if "category" in h else ""
+      lines += [f"  #{h['index']} {h['where']}{cat} margin {h['margin']:+.3f} (P(chosen) {h['p_chosen']:.3f})",
+                f"    prompt:   {h['prompt']}", f"    chosen:   {h['chosen']}", f"    rejected: {h['rejected']}"]
+  warning = analysis.length_warning(r)
+  if warning:
+    lines += ["", "WARNING " + warning]
+  return "\n".join(lines) + "\n"
+
+
+def analysis_markdown(report: dict, max_categories: int = 15) -> str:
+  """A model-card section: baselines, length bias, calibration, weakest categories."""
+  r, acc, lb, cal = report, report["accuracy"], report["length_bias"], report["calibration"]
+  lines = [
+      "## Error analysis", "",
+      f"{r['num_pairs']} pairs. Accuracy **{acc['value']:.4f}** (95% Wilson CI {acc['ci95'][0]:.4f}–"
+      f"{acc['ci95'][1]:.4f}), Bradley-Terry loss {r['loss']:.4f}.", "",
+      "| scorer | accuracy |", "|---|---|", f"| this model | {acc['value']:.4f} |",
+  ]
+  lines += [f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in r["baselines"].items()]
+  lines += [
+      "", f"Length bias (in {lb['unit']}): accuracy {_f(lb['chosen_longer']['accuracy'])} when the chosen "
+      f"response is longer (n={lb['chosen_longer']['n']}) vs {_f(lb['chosen_shorter']['accuracy'])} when it is "
+      f"shorter (n={lb['chosen_shorter']['n']}); the model prefers the longer response in "
+      f"{_f(lb['prefers_longer'], '.1%')} of pairs; correlation of reward margin with length difference: "
+      f"Pearson {_f(lb['pearson'], '+.3f')}, Spearman {_f(lb['spearman'], '+.3f')}.", "",
+      f"Calibration: expected calibration error of σ(margin) {_f(cal['ece'])} (10 bins)"
+      + (f"; reliability diagram `{r['reliability_plot']}`." if r.get("reliability_plot") else "."),
+  ]
+  for field, cats in r["by_category"].items():
+    shown = sorted(((k, v) for k, v in cats.items() if v["n"] >= analysis.MIN_CATEGORY_SHOWN), key=lambda kv: kv[1]["accuracy"])
+    if not shown:
+      continue
+    lines += ["", f"Weakest values of `{field}` (≥{analysis.MIN_CATEGORY_SHOWN} pairs):", "",
+              "| value | pairs | accuracy | longer wins |", "|---|---|---|---|"]
+    lines += [f"| {k.replace('|', '/')} | {v['n']} | {v['accuracy']:.3f} | {v['longer_wins']:.3f} |"
+              for k, v in shown[:max_categories]]
+  warning = analysis.length_warning(r)
+  if warning:
+    lines += ["", f"> **Warning** — {warning}"]
+  return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Scoring (prompt, response) rows with a trained reward model, for the RL stage and for inspection.
 
   python -m jaxreward.score --model W_or_HF_folder --data FILE --out FILE [--checkpoint best|latest|STEP]
+  (the command line is jaxreward.commands.score)
 
 FILE holds `{"prompt", "response"}` rows (prompt: text or a list of {role, content} messages; response:
 text or a list of assistant messages), or preference pairs in any of the three training formats (then
@@ -18,22 +19,23 @@ In Python (e.g. inside an RL loop):
   r_N = score(prompts, responses)                   # raw float32 rewards, shape [N]
   z_N = score(prompts, responses, normalized=True)
 
-Sequences are tokenized exactly as in training (prompt + response + EOS via `pipeline.encode`; longer
+Sequences are tokenized exactly as in training (prompt + response + EOS via `tokenizer.encode`; longer
 ones keep their end), sorted by length, and padded to a few fixed (rows, length) shapes, so repeated
 calls reuse a handful of compiled programs instead of compiling one per call.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
-import sys
 
+import jax
 import numpy as np
+from flax import nnx
 
-from jaxreward import configuration, data, outputs, pipeline
+from jaxreward import artifacts, configuration, data, hf, loss, model as model_lib, pipeline, sharding
+from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 ROW_BUCKETS = (4, 16, 64)  # Rows per compiled batch: a call of 3 sequences does not pay for 64.
@@ -50,8 +52,6 @@ class _JaxBackend:
   """A jaxreward model (from a work dir, or from an HF folder through jaxreward.hf) on one device."""
 
   def __init__(self, model):
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     graphdef, params = nnx.split(model, nnx.Param)
     self._params = params
     self._fn = jax.jit(lambda p, tokens_BxL, lengths_B: nnx.merge(graphdef, p)(tokens_BxL, lengths_B))
@@ -102,10 +102,10 @@ class Scorer:
     """Token ids as training builds them (keep_end truncation: scoring never drops a row)."""
     if len(prompts) != len(responses):
       raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    # pipeline.encode is the single source of truth for tokenization; a pair of (response, response)
+    # tokenizer.encode is the single source of truth for tokenization; a pair of (response, response)
     # costs a second tokenization of the response but can never drift from training.
     pairs = [data.Pair(p, r, r) for p, r in (_as_sides(p, r) for p, r in zip(prompts, responses))]
-    enc = pipeline.encode(pairs, self.tokenizer, self.max_length, "keep_end")
+    enc = tokenizer_lib.encode(pairs, self.tokenizer, self.max_length, "keep_end")
     return [sides[0] for sides in enc.ids]
 
   def score_ids(self, ids: list[np.ndarray]) -> np.ndarray:
@@ -237,12 +237,9 @@ def load_scorer(path: str, checkpoint: str | int = "best", max_length: int | Non
   """A Scorer for a work dir (at `checkpoint`) or an exported HF folder."""
   kind = check_model_path(path)
   if kind == "workdir":
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    from jaxreward import artifacts  # pylint: disable=g-import-not-at-top
     config = artifacts.read_config(path)
     # One device: scoring batches are small, and RL loops call this from one process.
-    mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "rules": config.mesh.rules})
-    loaded = artifacts.load(path, checkpoint, mesh_cfg)
+    loaded = artifacts.load(path, checkpoint, sharding.host_mesh_config(config.mesh.rules, data=1))
     mean, std = workdir_reward_stats(path, loaded.step)
     return Scorer(_JaxBackend(loaded.model), loaded.tokenizer, max_length or config.data.max_length,
                   config.data.num_buckets, mean, std, f"{path} (step {loaded.step})")
@@ -254,7 +251,6 @@ def load_scorer(path: str, checkpoint: str | int = "best", max_length: int | Non
 
 def _load_hf_scorer(folder: str, max_length: int | None) -> Scorer:
   """jaxreward.hf builds our JAX model from the folder; transformers + torch if that cannot."""
-  from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.load(folder)
   stats = hf_reward_stats(folder)
   with open(os.path.join(folder, "config.json")) as f:
@@ -272,13 +268,9 @@ def _load_hf_scorer(folder: str, max_length: int | None) -> Scorer:
 
 
 def _hf_jax_model(folder: str):
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jaxreward import hf, model as model_lib, sharding  # pylint: disable=g-import-not-at-top
   defaults = configuration.defaults()
   cfg = hf.model_config(folder, defaults.model)
-  mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "rules": defaults.mesh.rules})
+  mesh_cfg = sharding.host_mesh_config(defaults.mesh.rules, data=1)
   mesh, rule_table = sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
     model = model_lib.RewardModel(cfg, nnx.Rngs(0))
@@ -287,31 +279,17 @@ def _hf_jax_model(folder: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# Files of rows
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def read_rows(path: str) -> tuple[str, list[dict]]:
   """('responses' | 'pairs', rows). Rows are validated here so a bad line is one message with its number."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such file")
   rows = []
-  opener = __import__("gzip").open if path.endswith(".gz") else open
-  try:
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-      if path.endswith(".json") or path.endswith(".json.gz"):
-        text = f.read()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                       if x.strip()]
-      else:
-        for number, line in enumerate(f, 1):
-          if line.strip():
-            try:
-              rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-              raise ConfigError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+  for number, row in data.read_rows(path):
+    if isinstance(row, data.BadLine):
+      raise ConfigError(f"{path}:{number}: {row}")
+    rows.append(row)
   if not rows:
     raise ConfigError(f"{path}: holds no rows")
   kinds = set()
@@ -370,43 +348,11 @@ def score_file(scorer: Scorer, path: str) -> tuple[list[dict], dict]:
     summary.update(normalized_mean=float(z.mean()), normalized_std=float(z.std()))
   if kind == "pairs":
     diff = r_Nx2[:, 0] - r_Nx2[:, 1]
-    summary["accuracy"] = float(np.mean(np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))))
+    summary["accuracy"] = float(np.mean(loss.correct(diff, np)))
   return out, summary
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxreward.score", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", required=True, help="a jaxreward work dir or an exported HF folder")
-  parser.add_argument("--data", required=True, help="JSONL/JSON of {prompt, response} rows or preference pairs")
-  parser.add_argument("--out", required=True, help="output JSONL")
-  parser.add_argument("--checkpoint", default="best", help="work dir only: best | latest | STEP")
-  parser.add_argument("--max_length", type=int, default=None, help="override the scoring max length")
-  args = parser.parse_args(argv)
-  try:
-    if args.checkpoint not in ("best", "latest") and not args.checkpoint.isdigit():
-      raise ConfigError(f"--checkpoint must be best, latest or a step number, got {args.checkpoint!r}")
-    check_model_path(args.model)
-    outputs.check_file(args.out)
-    if os.path.exists(args.out) and os.path.samefile(args.out, args.data):
-      raise ConfigError(f"--out {args.out} is the --data file; write the scores elsewhere")
-    read_rows(args.data)  # Fail on a bad file before spending time loading the model.
-    scorer = load_scorer(args.model, args.checkpoint, args.max_length)
-    out, summary = score_file(scorer, args.data)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return configuration.EXIT_BAD_INPUT
-  except OSError as e:
-    print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
-    return configuration.EXIT_BAD_INPUT
-  if summary.get("normalized_mean") is None:
-    print(f"warning: {args.model} has no saved validation reward mean/std; reward_normalized is null",
-          file=sys.stderr)
-  print(json.dumps(summary))
-  return configuration.EXIT_OK
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m jaxreward.score` predates jaxreward.commands; runpy keeps it working without an import cycle.
+  import runpy  # pylint: disable=g-import-not-at-top
+  runpy.run_module("jaxreward.commands.score", run_name="__main__", alter_sys=True)

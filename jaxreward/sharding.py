@@ -10,6 +10,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -49,6 +50,11 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
+def host_mesh_config(rule_list, data: int = -1) -> ml_collections.ConfigDict:
+  """A mesh of this host's devices on the data axis only (-1: all of them), for scoring a saved model."""
+  return ml_collections.ConfigDict({"data": data, "fsdp": 1, "tensor": 1, "rules": list(rule_list)})
+
+
 def rules(mesh_cfg) -> tuple:
   """The config's rules table as the tuple of pairs that flax expects."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in mesh_cfg.rules)
@@ -59,9 +65,10 @@ def logical_to_mesh(logical_axes, rule_table) -> PartitionSpec:
   return PartitionSpec(*(table.get(name) if name is not None else None for name in logical_axes))
 
 
-def batch_sharding(mesh, rule_table, ndim: int) -> NamedSharding:
-  """Batches are sharded on their leading axis by the 'batch' rule and replicated elsewhere."""
-  return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1), rule_table))
+def batch_sharding(mesh, rule_table) -> NamedSharding:
+  """Batches are sharded on their leading axis by the 'batch' rule and replicated elsewhere; a spec of one
+  axis fits arrays of any rank, so this one sharding serves every field of a batch."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",), rule_table))
 
 
 def state_shardings(abstract_state, mesh, rule_table):

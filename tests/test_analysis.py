@@ -2,12 +2,12 @@
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
+import scipy.stats
 
-from jaxreward import analysis, tensorboard
+from jaxreward import analysis, report
 from jaxreward.data import Pair
 
 
@@ -33,6 +33,9 @@ def test_wilson_interval_known_values():
   lo, hi = analysis.wilson_interval(20, 20)
   assert hi == pytest.approx(1.0) and lo == pytest.approx(20 / (20 + analysis.Z95 ** 2), abs=1e-9)
   assert analysis.wilson_interval(0, 0) == (0.0, 1.0)
+  for k, n in ((0, 7), (3, 4), (8, 10), (61, 97)):  # Whole successes: scipy's Wilson interval.
+    ci = scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
+    np.testing.assert_allclose(analysis.wilson_interval(k, n), (ci.low, ci.high), atol=1e-12)
 
 
 def test_accuracy_ties_count_half_and_loss():
@@ -47,8 +50,10 @@ def test_accuracy_ties_count_half_and_loss():
 
 
 def test_rank_correlations_match_definitions():
+  # Ties take their average rank: ranks [1, 2.5, 2.5, 4, 5] against [1, 2, 3, 4, 5].
   x = np.array([1.0, 2.0, 2.0, 5.0, 7.0])
-  np.testing.assert_allclose(analysis.rankdata(x), [1, 2.5, 2.5, 4, 5])
+  ranks = np.array([1, 2.5, 2.5, 4, 5])
+  assert analysis.spearman(x, np.arange(5.0)) == pytest.approx(np.corrcoef(ranks, np.arange(5.0))[0, 1])
   # Any strictly monotone transform has Spearman 1 but Pearson < 1.
   y = np.exp(np.arange(6.0))
   assert analysis.spearman(np.arange(6.0), y) == pytest.approx(1.0)
@@ -189,9 +194,9 @@ def test_conversational_pairs_and_json_round_trip(tmp_path):
   assert rep["hardest"][0]["chosen"] == "assistant: a"
   text = json.dumps(rep, allow_nan=False)  # Strict JSON: no NaN anywhere.
   assert json.loads(text)["num_pairs"] == 4
-  summary = analysis.render_text(rep)
+  summary = report.analysis_text(rep)
   assert "accuracy by category" in summary and "longer_wins_chars" in summary
-  md = analysis.render_markdown(rep)
+  md = report.analysis_markdown(rep)
   assert md.startswith("## Error analysis") and "| this model | 0.7500 |" in md
 
 
@@ -200,8 +205,7 @@ def test_analyze_rejects_misaligned_inputs():
     analysis.analyze(make_pairs([1, 2, 3], [3, 2, 1]), np.zeros((2, 2)))
 
 
-def test_for_training_reorders_batch_order_rewards():
-  """evaluate.run returns rewards in length-sorted batch order; for_training maps them back to pairs."""
+def test_for_training_reads_rewards_in_pair_order():
 
   class Enc:
     pass
@@ -211,40 +215,5 @@ def test_for_training_reorders_batch_order_rewards():
   ids = [[np.zeros(5), np.zeros(2)], [np.zeros(10), np.zeros(2)], [np.zeros(3), np.zeros(2)]]
   enc.lengths = lambda: np.array([[len(a), len(b)] for a, b in ids])
   enc.margin = np.zeros(3, np.float32)
-  r_pair_order = np.array([[1.0, 0.0], [-2.0, 0.0], [3.0, 0.0]])
-  # Sorted by the longer side: pair 2 (3 tokens), pair 0 (5), pair 1 (10).
-  r_batch_order = r_pair_order[[2, 0, 1]]
-  rep = analysis.for_training(enc, r_batch_order)
+  rep = analysis.for_training(enc, np.array([[1.0, 0.0], [-2.0, 0.0], [3.0, 0.0]]))
   assert rep["hardest"][0]["index"] == 1 and rep["hardest"][0]["margin"] == -2.0
-
-
-# --- TensorBoard writer -------------------------------------------------------------------------------------
-
-
-def test_crc32c_known_answer():
-  # RFC 3720 B.4 test vector and the classic "123456789" check value.
-  assert tensorboard.crc32c(b"123456789") == 0xE3069283
-  assert tensorboard.crc32c(bytes(32)) == 0x8A9136AA
-
-
-def test_tensorboard_writer_round_trip(tmp_path):
-  with tensorboard.Writer(str(tmp_path)) as writer:
-    writer.scalars(1, {"loss": 0.5, "val/accuracy": 0.75, "note": "skipped", "bad": float("nan"), "none": None})
-    writer.scalars(2, {"loss": 0.25})
-  files = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents.")]
-  assert len(files) == 1
-  got = tensorboard.read_scalars(str(tmp_path / files[0]))
-  assert got == [(1, "loss", 0.5), (1, "val/accuracy", 0.75), (2, "loss", 0.25)]
-  # A flipped byte is caught by the record CRC, as TensorBoard's reader would.
-  raw = bytearray((tmp_path / files[0]).read_bytes())
-  raw[-6] ^= 0xFF
-  (tmp_path / files[0]).write_bytes(bytes(raw))
-  with pytest.raises(ValueError, match="CRC"):
-    tensorboard.read_scalars(str(tmp_path / files[0]))
-
-
-def test_tensorboard_writer_disabled_writes_nothing(tmp_path):
-  writer = tensorboard.Writer(str(tmp_path / "tb"), enabled=False)
-  writer.scalars(1, {"loss": 1.0})
-  writer.close()
-  assert not (tmp_path / "tb").exists()

@@ -4,11 +4,12 @@ import dataclasses
 import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxreward import corpus, data, packing, pipeline, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import corpus, data, pipeline, tfds_data, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -219,7 +220,7 @@ def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tm
   plan = pipeline.TrainPlan(prepared.train, batch_size=16, sort_window=2, seed=3)
   pad = prepared.tokenizer.pad_token_id
   if packed:
-    layout = packing.PackedLayout(tiny_config.data.max_length, 2, 16, pad)
+    layout = pipeline.PackedLayout(tiny_config.data.max_length, 2, 16, pad)
     layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], 2)
   else:
     layout = pipeline.BucketedLayout(
@@ -233,12 +234,11 @@ def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tm
   resumed.set_state(json.loads(json.dumps(state)))  # Checkpoints store it as JSON.
   for _ in range(4):  # Across the next epoch boundary too.
     expected, got = next(original), next(resumed)
-    assert expected.keys() == got.keys()
-    for k in expected:
-      np.testing.assert_array_equal(expected[k], got[k])
+    assert jax.tree.structure(expected) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b)
   fresh = make()
-  key = "tokens_GxRxL" if packed else "tokens_BxPxL"
-  assert not np.array_equal(next(fresh)[key], next(make_after(make, 11))[key])
+  assert not np.array_equal(next(fresh).tokens_GxRxL, next(make_after(make, 11)).tokens_GxRxL)
 
 
 def make_after(make, n):
@@ -246,3 +246,23 @@ def make_after(make, n):
   for _ in range(n):
     next(it)
   return it
+
+
+# --- hygiene ------------------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_leaks_are_removed_and_counted():
+  mk = lambda p, c: data.Pair(p, c, "r")
+  pairs = [mk("a", "1"), mk("a", "1"), mk("b", "1"), mk("c", "1"), mk("a", "2")]
+  kept, dups = corpus.deduplicate(pairs)
+  assert dups == 1 and [p.chosen for p in kept] == ["1", "1", "1", "2"]
+  train, leaks = corpus.remove_leaks(kept, [mk("a", "9")])
+  assert leaks == 2 and [p.prompt for p in train] == ["b", "c"]
+
+
+def test_split_keeps_each_prompt_on_one_side():
+  pairs = [data.Pair(f"p{i % 50}", f"c{i}", "r") for i in range(500)]
+  train, val = corpus.split(pairs, 0.2, seed=0)
+  assert len(train) + len(val) == 500 and 0.15 < len(val) / 500 < 0.25
+  assert not {p.prompt for p in train} & {p.prompt for p in val}
+  assert corpus.split(pairs, 0.2, seed=0) == (train, val)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from jaxreward import data, pipeline
+from jaxreward import data
 from jaxreward.configuration import ConfigError
 
 GOOD = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
@@ -204,78 +204,6 @@ def test_bad_file_is_one_line_error(tmp_path, case, problem):
   with pytest.raises(ConfigError, match=problem) as e:
     data.load_pairs(path, on_bad_line="skip")
   assert path in str(e.value) and "\n" not in str(e.value)
-
-
-# --- hygiene ------------------------------------------------------------------------------------------------
-
-
-def test_duplicates_and_leaks_are_removed_and_counted():
-  mk = lambda p, c: data.Pair(p, c, "r")
-  pairs = [mk("a", "1"), mk("a", "1"), mk("b", "1"), mk("c", "1"), mk("a", "2")]
-  kept, dups = data.deduplicate(pairs)
-  assert dups == 1 and [p.chosen for p in kept] == ["1", "1", "1", "2"]
-  train, leaks = data.remove_leaks(kept, [mk("a", "9")])
-  assert leaks == 2 and [p.prompt for p in train] == ["b", "c"]
-
-
-def test_split_keeps_each_prompt_on_one_side():
-  pairs = [data.Pair(f"p{i % 50}", f"c{i}", "r") for i in range(500)]
-  train, val = data.split(pairs, 0.2, seed=0)
-  assert len(train) + len(val) == 500 and 0.15 < len(val) / 500 < 0.25
-  assert not {p.prompt for p in train} & {p.prompt for p in val}
-  assert data.split(pairs, 0.2, seed=0) == (train, val)
-
-
-# --- render -------------------------------------------------------------------------------------------------
-
-
-class FakeChatTokenizer:
-  """apply_chat_template with a pluggable renderer: lets each template quirk be tested in isolation."""
-
-  chat_template = "fake"
-  name_or_path = "fake"
-
-  def __init__(self, renderer):
-    self.renderer = renderer
-
-  def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-    assert not tokenize
-    return self.renderer(messages, add_generation_prompt)
-
-
-def chatml(messages, gen, think=False):
-  text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-  return text + ("<|im_start|>assistant\n" + ("<think></think>" if think else "") if gen else "")
-
-
-CONV = ([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
-
-
-def test_render_plain_template_is_the_documented_one():
-  prompt, body = pipeline.render(*CONV, tok=None)
-  assert prompt == "<|user|>\nhi\n<|assistant|>\n" and body == "hello\n"
-  assert pipeline.render("Q", "A", None) == ("Q", "A")
-
-
-def test_render_chat_template_prefix_and_fallback():
-  prompt, body = pipeline.render(*CONV, tok=FakeChatTokenizer(chatml))
-  assert prompt.endswith("<|im_start|>assistant\n") and body == "hello<|im_end|>\n"
-  # A generation prompt the whole conversation does not contain: split at the shared prefix, and the scored
-  # text is still exactly the template's rendering of the conversation.
-  tok = FakeChatTokenizer(lambda m, g: chatml(m, g, think=True))
-  prompt, body = pipeline.render(*CONV, tok=tok)
-  assert prompt + body == chatml(CONV[0] + CONV[1], False) and "hello" in body
-
-
-def test_render_template_that_drops_or_rejects_the_response_is_a_config_error():
-  drops = FakeChatTokenizer(lambda m, g: chatml([x for x in m if x["role"] != "assistant"], g))
-  with pytest.raises(ConfigError, match="drops the response"):
-    pipeline.render(*CONV, tok=drops)
-
-  def strict(messages, gen):
-    raise ValueError("Conversation roles must alternate user/assistant")
-  with pytest.raises(ConfigError, match="cannot render the conversation starting 'hi'.*must alternate"):
-    pipeline.render(*CONV, tok=FakeChatTokenizer(strict))
 
 
 # --- the command line ---------------------------------------------------------------------------------------

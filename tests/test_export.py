@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 from tokenizers import processors  # pylint: disable=g-import-not-at-top
 
-from jaxreward import configuration, data, export, hf, pipeline, score, synthetic  # pylint: disable=g-import-not-at-top
+from jaxreward import configuration, data, export, hf, score, synthetic  # pylint: disable=g-import-not-at-top
 from jaxreward import model as model_lib, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
 MAX_LENGTH = 64  # configs/tiny.py's data.max_length.
@@ -57,7 +57,7 @@ def _training_ids(rows, tok, max_length):
   pairs = [data.Pair(p, r, r) if isinstance(p, str) else data.Pair(p, [{"role": "assistant", "content": r}],
                                                                     [{"role": "assistant", "content": r}])
            for p, r in rows]
-  return [sides[0] for sides in pipeline.encode(pairs, tok, max_length, "keep_end").ids]
+  return [sides[0] for sides in tokenizer_lib.encode(pairs, tok, max_length, "keep_end").ids]
 
 
 def _plain(folder, texts, batch_size, **tokenizer_kwargs):
@@ -132,9 +132,9 @@ def test_exported_tokenizer_encodes_like_training(run, tmp_path):
   long_body = trained(long, add_special_tokens=False)["input_ids"]
   assert len(long_body) > MAX_LENGTH
   assert tok(long, truncation=True)["input_ids"] == long_body[-(MAX_LENGTH - 1):] + [tok.eos_token_id]  # Left.
-  # The chat template renders what training rendered (our BPE: pipeline.PLAIN_TEMPLATE).
+  # The chat template renders what training rendered (our BPE: tokenizer_lib.PLAIN_TEMPLATE).
   messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
-  assert tok.apply_chat_template(messages, tokenize=False) == "".join(pipeline.render(messages[:1], messages[1:],
+  assert tok.apply_chat_template(messages, tokenize=False) == "".join(tokenizer_lib.render(messages[:1], messages[1:],
                                                                                         trained))
   # All of it survives another save_pretrained / from_pretrained.
   tok.save_pretrained(tmp_path)
@@ -201,7 +201,7 @@ def _import_tiny(folder, family, tok):
 @pytest.mark.parametrize("family", ["Llama", "Qwen2"])
 def test_model_imported_from_hf_then_exported(tmp_path, family):
   tok = _bos_tokenizer(family)
-  assert pipeline.leading_special_ids(tok) == [tok.bos_token_id]
+  assert tokenizer_lib.leading_special_ids(tok) == [tok.bos_token_id]
   model = _import_tiny(tmp_path / "sft", family, tok)
   out = hf.export(model, tok, str(tmp_path / "rm"), max_length=32)
 

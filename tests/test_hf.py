@@ -16,7 +16,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
-from jaxreward import configuration, hf, model as model_lib, sharding, train  # pylint: disable=g-import-not-at-top
+from jaxreward import configuration, hf, model as model_lib, sharding, state, train  # pylint: disable=g-import-not-at-top
 from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
 SENTENCES = [
@@ -79,9 +79,9 @@ def _import(folder, sharded=False):
     params = hf.load_params(str(folder), params)
     return nnx.merge(graphdef, params), params
   mesh, rule_table = _mesh()
-  graphdef, state, _ = train.create_state(model_cfg, optax.sgd(0.0), mesh, rule_table, seed=1)
-  params = hf.load_params(str(folder), state["params"])
-  for (_, new), (_, old) in zip(nnx.to_flat_state(params), nnx.to_flat_state(state["params"])):
+  graphdef, train_state, _ = state.create_state(model_cfg, optax.sgd(0.0), mesh, rule_table, seed=1)
+  params = hf.load_params(str(folder), train_state["params"])
+  for (_, new), (_, old) in zip(nnx.to_flat_state(params), nnx.to_flat_state(train_state["params"])):
     assert new.get_value().sharding == old.get_value().sharding
   return nnx.merge(graphdef, params), params
 

@@ -6,7 +6,7 @@ import sys
 import jax
 import pytest
 
-from jaxreward import memory, model as model_lib, optimizer, presets, sharding, train
+from jaxreward import memory, model as model_lib, optimizer, presets, sharding, state as state_lib
 from tests.conftest import ROOT, load_config
 
 CFG = model_lib.ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -23,7 +23,7 @@ def test_state_bytes_equal_the_created_state(preset, sizes):
   config = presets.apply(load_config("tiny"), preset, **sizes)
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   tx, _ = optimizer.make(config.train, 10)
-  _, state, _ = train.create_state(CFG, tx, mesh, rule_table, seed=0)
+  _, state, _ = state_lib.create_state(CFG, tx, mesh, rule_table, seed=0)
   est = memory.estimate(CFG, dict(mesh.shape), rule_table, batch_size=16, max_length=64)
   assert est["parameters"] == shard_bytes(state["params"])
   # Adam's mu and nu; the step counters are scalars and not counted.

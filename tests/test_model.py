@@ -53,7 +53,8 @@ def test_pairs_fold_into_the_batch():
   model = build()
   tokens_BxPxL = jnp.asarray(np.random.default_rng(1).integers(2, 97, size=(3, 2, 9)), jnp.int32)
   lengths_BxP = jnp.array([[9, 4], [5, 6], [1, 9]])
-  r_Bx2 = model.score_pairs(tokens_BxPxL, lengths_BxP)
+  # One pair per group, one sequence per row: side p's EOS is at p·L + length - 1 of its group's rows.
+  r_Bx2 = model.score(tokens_BxPxL, (jnp.arange(2) * 9 + lengths_BxP - 1)[:, None, :])[:, 0, :]
   for b in range(3):
     for p in range(2):
       single = model(tokens_BxPxL[b, p][None], lengths_BxP[b, p][None])

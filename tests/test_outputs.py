@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from jaxreward import configuration, outputs, score
+from jaxreward import configuration, outputs
+from jaxreward.commands import score as score_cmd
 from tests.conftest import ROOT
 
 
@@ -78,7 +79,7 @@ def test_score_out_is_checked_before_loading(tmp_path, workdir, capsys):
   for out, message in [(tmp_path, "is a folder; expected a file path"),
                        (tmp_path / "file" / "scored.jsonl", "is a file, not a folder"),
                        (rows, "is the --data file")]:
-    assert score.main(["--model", str(workdir), "--data", str(rows), "--out", str(out)]) == 2
+    assert score_cmd.main(["--model", str(workdir), "--data", str(rows), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1, err
   assert rows.read_text().startswith("{")

@@ -1,54 +1,14 @@
-"""Tokenization layout, buckets and the training plan."""
+"""Buckets, the training plan and evaluation batches."""
 
 import numpy as np
-import transformers
-from tokenizers import processors
 
 from jaxreward import pipeline, synthetic, tokenizer
-from jaxreward.data import Pair
 
 PAIRS = synthetic.generate(300, 0)
 
 
 def bpe():
-  return tokenizer.train_bpe(pipeline.texts_for_tokenizer(PAIRS), 400)
-
-
-def with_post_processor(template_single):
-  """A tokenizer whose post-processor adds specials around text (BOS before, EOS/SEP after)."""
-  tok = bpe()
-  backend = tok.backend_tokenizer
-  backend.post_processor = processors.TemplateProcessing(
-      single=template_single, special_tokens=[("<|pad|>", 0), ("<|endoftext|>", 1)])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                              pad_token="<|pad|>")
-
-
-def test_sequence_is_prompt_response_eos():
-  tok = bpe()
-  enc = pipeline.encode(PAIRS[:5], tok, 64, "keep_end")
-  for pair, (chosen, rejected) in zip(enc.pairs, enc.ids):
-    assert chosen[-1] == tok.eos_token_id and rejected[-1] == tok.eos_token_id
-    assert tok.decode(chosen[:-1]) == pair.prompt + pair.chosen
-    assert list(chosen).count(tok.eos_token_id) == 1
-
-
-def test_leading_specials_kept_trailing_ones_not_mid_sequence():
-  tok = with_post_processor("<|pad|> $A <|endoftext|>")  # BOS-like prefix, EOS-like suffix.
-  assert pipeline.leading_special_ids(tok) == [0]
-  enc = pipeline.encode(PAIRS[:3], tok, 64, "keep_end")
-  for chosen, _ in enc.ids:
-    assert chosen[0] == 0 and list(chosen).count(1) == 1 and chosen[-1] == 1
-
-
-def test_keep_end_truncation_keeps_the_response():
-  tok = bpe()
-  long_prompt = "Which is larger " * 40
-  pair = Pair(prompt=long_prompt, chosen=" 42 is larger.", rejected=" 17 is larger.")
-  enc = pipeline.encode([pair], tok, 16, "keep_end")
-  assert enc.truncated == 1 and len(enc.ids[0][0]) == 16
-  assert tok.decode(enc.ids[0][0][:-1]).endswith(" 42 is larger.")
-  assert pipeline.encode([pair], tok, 16, "drop").dropped == 1
+  return tokenizer.train_bpe(tokenizer.texts_for_tokenizer(PAIRS), 400)
 
 
 def test_buckets_are_few_and_cover_max_length():
@@ -57,7 +17,7 @@ def test_buckets_are_few_and_cover_max_length():
 
 
 def test_plan_is_deterministic_covers_each_epoch_and_sorts_windows():
-  enc = pipeline.encode(PAIRS, bpe(), 64, "keep_end")
+  enc = tokenizer.encode(PAIRS, bpe(), 64, "keep_end")
   plan_a, plan_b = pipeline.TrainPlan(enc, 16, 4, seed=3), pipeline.TrainPlan(enc, 16, 4, seed=3)
   np.testing.assert_array_equal(plan_a.epoch(1), plan_b.epoch(1))
   epoch0 = plan_a.epoch(0)
@@ -69,7 +29,13 @@ def test_plan_is_deterministic_covers_each_epoch_and_sorts_windows():
 
 
 def test_eval_batches_cover_every_pair_once():
-  enc = pipeline.encode(PAIRS[:37], bpe(), 64, "keep_end")
-  batches = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0, 0, 1)
-  assert len(batches) == 3 and sum(b["weight_B"].sum() for b in batches) == 37
-  assert all(b["tokens_BxPxL"].shape[0] == 16 for b in batches)
+  enc = tokenizer.encode(PAIRS[:37], bpe(), 64, "keep_end")
+  evaluation = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0, 0, 1)
+  batches = evaluation.batches
+  assert len(batches) == 3 and sum(b.weight_GxB.sum() for b in batches) == 37
+  assert all(b.tokens_GxRxL.shape[:2] == (16, 2) for b in batches)
+  # Batches are sorted by length; `positions` maps each real pair back to its place in the input.
+  assert sorted(evaluation.positions) == list(range(37))
+  first = batches[0]
+  i = int(evaluation.positions[0])
+  np.testing.assert_array_equal(first.tokens_GxRxL[0, 0, :len(enc.ids[i][0])], enc.ids[i][0])

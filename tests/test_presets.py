@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxreward import evaluate, model as model_lib, optimizer, presets, sharding, train
+from jaxreward import model as model_lib, pipeline, presets, sharding, state
 from tests.conftest import load_config
 
 # Written out here rather than read from presets.py, so a wrong rules table there fails this test.
@@ -64,22 +64,21 @@ def test_preset_compiles_with_intended_shardings(config_name, preset, sizes, mes
   assert tuple(mesh.shape.values()) == mesh_shape
   rule_table = sharding.rules(config.mesh)
   model_cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=256)
-  tx, schedule = optimizer.make(config.train, 10)
-  graphdef, state, state_shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
-  step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0), state_shardings, mesh, rule_table)
+  trainer = state.Trainer(model_cfg, config.train, mesh, rule_table, 10)
+  train_state = trainer.state
 
   # Abstract inputs only: this checks the step partitions and compiles under the preset, without running it.
-  batch_shardings = evaluate.batch_shardings(mesh, rule_table)
-  pairs, length = config.train.batch_size, 32
-  shapes = {"tokens_BxPxL": ((pairs, 2, length), jnp.int32), "lengths_BxP": ((pairs, 2), jnp.int32),
-            "weight_B": ((pairs,), jnp.float32), "margin_B": ((pairs,), jnp.float32)}
-  batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=batch_shardings[k]) for k, (s, dt) in shapes.items()}
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  compiled = step.lower(abstract_state, batch).compile()
+  pairs, length, where = config.train.batch_size, 32, trainer.batch_sharding
+  batch = pipeline.Batch(tokens_GxRxL=jax.ShapeDtypeStruct((pairs, 2, length), jnp.int32, sharding=where),
+                         ends_GxBxP=jax.ShapeDtypeStruct((pairs, 1, 2), jnp.int32, sharding=where),
+                         weight_GxB=jax.ShapeDtypeStruct((pairs, 1), jnp.float32, sharding=where),
+                         margin_GxB=jax.ShapeDtypeStruct((pairs, 1), jnp.float32, sharding=where))
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
+  compiled = trainer.train_step.lower(abstract_state, batch).compile()
   out_params = nnx.to_flat_state(compiled.output_shardings[0]["params"])
 
   intended = INTENDED[preset]
-  flat = nnx.to_flat_state(state["params"])
+  flat = nnx.to_flat_state(train_state["params"])
   assert len(flat) == len(out_params)
   assert sum(var[...].size for _, var in flat) == model_cfg.num_parameters()
   split_somewhere = False
@@ -97,7 +96,7 @@ def test_preset_compiles_with_intended_shardings(config_name, preset, sizes, mes
   assert split_somewhere == (preset != "dp")
 
   # Adam's moments follow their parameters (ZeRO: optimizer state is split exactly like the weights).
-  adam = state["opt_state"][1][0]
+  adam = train_state["opt_state"][1][0]
   for moments in (adam.mu, adam.nu):
     for (path, var), (_, moment) in zip(flat, nnx.to_flat_state(moments)):
       assert moment[...].sharding.is_equivalent_to(var[...].sharding, var[...].ndim), path

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, load_config
 
-from jaxreward import corpus, evaluate, score
+from jaxreward import corpus, score
+from jaxreward.commands import evaluate as evaluate_cmd, score as score_cmd
 
 
 def write_pairs(path, pairs):
@@ -41,7 +42,7 @@ def read_jsonl(path):
 
 def test_evaluate_cli_reproduces_training_validation(run, capsys):
   out = run["root"] / "eval_val"
-  assert evaluate.main(["--workdir", run["workdir"], "--data", run["val_path"], "--out", str(out)]) == 0
+  assert evaluate_cmd.main(["--workdir", run["workdir"], "--data", run["val_path"], "--out", str(out)]) == 0
   for name in ("report.json", "summary.txt", "reliability.png"):
     assert (out / name).stat().st_size > 0, name
   report = json.loads((out / "report.json").read_text())
@@ -68,7 +69,7 @@ def test_evaluate_cli_reproduces_training_validation(run, capsys):
 
 def test_score_cli_normalised_validation_rewards(run, capsys):
   out = run["root"] / "val_scores.jsonl"
-  assert score.main(["--model", run["workdir"], "--data", run["val_path"], "--out", str(out)]) == 0
+  assert score_cmd.main(["--model", run["workdir"], "--data", run["val_path"], "--out", str(out)]) == 0
   rows = read_jsonl(out)
   assert len(rows) == len(run["validation"])
   r = np.array([[row["reward_chosen"], row["reward_rejected"]] for row in rows])
@@ -114,7 +115,7 @@ def test_load_scorer_api_responses_and_bucketing(run, tmp_path):
   data = tmp_path / "responses.jsonl"
   data.write_text("".join(json.dumps({"prompt": p, "response": c, "id": i}) + "\n"
                           for i, (p, c) in enumerate(zip(prompts, chosen))))
-  assert score.main(["--model", run["workdir"], "--data", str(data), "--out", str(tmp_path / "o.jsonl")]) == 0
+  assert score_cmd.main(["--model", run["workdir"], "--data", str(data), "--out", str(tmp_path / "o.jsonl")]) == 0
   rows = read_jsonl(tmp_path / "o.jsonl")
   assert [row["id"] for row in rows] == list(range(7))
   np.testing.assert_allclose([row["reward"] for row in rows], r, atol=1e-5)
@@ -153,10 +154,10 @@ def test_hf_folder_evaluate_and_score(run, tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   pairs = run["validation"].pairs[:40]
   data = write_pairs(tmp_path / "pairs.jsonl", pairs)
-  assert evaluate.main(["--workdir", folder, "--data", data, "--out", str(tmp_path / "ev")]) == 0
+  assert evaluate_cmd.main(["--workdir", folder, "--data", data, "--out", str(tmp_path / "ev")]) == 0
   report = json.loads((tmp_path / "ev" / "report.json").read_text())
   assert report["meta"]["kind"] == "hf" and report["num_pairs"] == 40
-  assert score.main(["--model", folder, "--data", data, "--out", str(tmp_path / "s.jsonl")]) == 0
+  assert score_cmd.main(["--model", folder, "--data", data, "--out", str(tmp_path / "s.jsonl")]) == 0
   rows = read_jsonl(tmp_path / "s.jsonl")
   # Reference: transformers itself on each text (prompt + response + EOS), one at a time, no padding.
   for row, p in list(zip(rows, pairs))[:5]:
@@ -203,10 +204,10 @@ def test_bad_paths_are_one_line_errors(run, tmp_path, capsys, which):
   else:
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
     args["data"] = str(tmp_path / "bad.jsonl")
-  rc_eval = evaluate.main(["--workdir", args["model"], "--data", args["data"], "--checkpoint", args["checkpoint"],
+  rc_eval = evaluate_cmd.main(["--workdir", args["model"], "--data", args["data"], "--checkpoint", args["checkpoint"],
                            "--out", str(tmp_path / "o")])
   err_eval = capsys.readouterr().err.strip()
-  rc_score = score.main(["--model", args["model"], "--data", args["data"], "--checkpoint", args["checkpoint"],
+  rc_score = score_cmd.main(["--model", args["model"], "--data", args["data"], "--checkpoint", args["checkpoint"],
                          "--out", str(tmp_path / "o.jsonl")])
   err_score = capsys.readouterr().err.strip()
   assert rc_eval == 2 and rc_score == 2

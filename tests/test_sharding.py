@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreward import configuration, model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer, train
+from jaxreward import configuration, model as model_lib, pipeline, sharding, state, synthetic, tokenizer
 from tests.conftest import load_config
 
 
@@ -37,29 +37,25 @@ def test_unannotated_large_parameter_is_an_error():
 
 def _run_steps(mesh_config, num_steps=5, packed=False):
   config = load_config("tiny")
-  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
-  enc = pipeline.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
+  tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
+  enc = tokenizer.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
   model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
   mesh = sharding.make_mesh(mesh_config)
   rule_table = sharding.rules(mesh_config)
-  tx, schedule = optimizer.make(config.train, num_steps)
-  graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
+  config.train.center_rewards_coef = 0.0
+  trainer = state.Trainer(model_cfg, config.train, mesh, rule_table, num_steps)
   plan = pipeline.TrainPlan(enc, 16, 4, seed=0)
   if packed:  # One packing group per batch shard; the packing itself differs with the mesh, the math must not.
-    layout = packing.PackedLayout(64, mesh.shape["data"] * mesh.shape["fsdp"], 16, tok.pad_token_id)
+    layout = pipeline.PackedLayout(64, mesh.shape["data"] * mesh.shape["fsdp"], 16, tok.pad_token_id)
     layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 4)
-    keys = packing.KEYS
   else:
-    layout, keys = pipeline.BucketedLayout([32, 64], tok.pad_token_id), train.evaluate.BUCKETED_KEYS
-  step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0), shardings, mesh, rule_table,
-                                 keys)
-  batch_shardings = train.evaluate.batch_shardings(mesh, rule_table, keys)
+    layout = pipeline.BucketedLayout([32, 64], tok.pad_token_id)
   it = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
   losses = []
   for _ in range(num_steps):
-    state, metrics = step_fn(state, train.evaluate.to_device(next(it), batch_shardings))
+    metrics = trainer.step(next(it))
     losses.append(float(metrics["loss"]) / float(metrics["count"]))
-  return np.array(losses), jax.device_get(state["params"]), state
+  return np.array(losses), jax.device_get(trainer.state["params"]), trainer.state
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -73,15 +73,15 @@ def test_tiny_trains_a_few_steps(name, tmp_path, tmp_path_factory):
 
 
 def test_packing_keeps_padding_under_15_percent_on_ethics():
-  from jaxreward import train  # pylint: disable=g-import-not-at-top
+  from jaxreward import pipeline  # pylint: disable=g-import-not-at-top
   config = load_config("small")
   config.data.train_path = str(require_shared_data() / "ethics_util_train.jsonl")
   prepared = corpus.prepare(config, lambda message: None)
-  plan = train.make_plan(config, prepared.train)
-  layout, _, _ = train.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
+  plan = pipeline.make_plan(config, prepared.train)
+  layout, _ = pipeline.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
   packed = [plan.padding_fraction(epoch, layout) for epoch in range(3)]
   assert max(packed) < 0.15, packed
   config.data.packing = False
-  sorted_plan = train.make_plan(config, prepared.train)
-  bucketed, _, _ = train.make_layout(config, sorted_plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
+  sorted_plan = pipeline.make_plan(config, prepared.train)
+  bucketed, _ = pipeline.make_layout(config, sorted_plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
   assert sorted_plan.padding_fraction(0, bucketed) > 2 * max(packed)

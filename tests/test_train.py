@@ -42,6 +42,8 @@ def test_has_a_pulse(finished_run):
   assert [r["epoch"] for r in epochs] == list(range(len(metrics["padding_fraction_by_epoch"])))
   assert [r["padding_fraction"] for r in epochs] == metrics["padding_fraction_by_epoch"]
   assert metrics["packing"] and 0 <= metrics["padding_fraction"] < 0.5
+  # The same rows as TensorBoard scalars (tests/test_report.py reads such files back).
+  assert [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents.")]
 
 
 def test_best_and_latest_are_both_kept(finished_run):
@@ -94,31 +96,25 @@ def test_bucketed_run_without_packing(tmp_path):
 
 def _one_step(grad_accum_steps, margin=0.0, packed=False):
   from tests.conftest import load_config
-  from jaxreward import model as model_lib, optimizer, packing, pipeline, sharding, synthetic, tokenizer
+  from jaxreward import model as model_lib, pipeline, sharding, state, synthetic, tokenizer
   config = load_config("tiny")
   pairs = synthetic.generate(64, 0)
-  tok = tokenizer.train_bpe(pipeline.texts_for_tokenizer(pairs), 300)
-  enc = pipeline.encode(pairs, tok, 64, "keep_end")
+  tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(pairs), 300)
+  enc = tokenizer.encode(pairs, tok, 64, "keep_end")
   config.mesh.data = 1
+  config.train.grad_accum_steps, config.train.center_rewards_coef = grad_accum_steps, 0.0
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-  tx, schedule = optimizer.make(config.train, 10)
-  model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
-  graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, seed=0)
+  trainer = state.Trainer(model_lib.ModelConfig.from_config(config.model, len(tok)), config.train, mesh, rule_table,
+                          10)
   if packed:  # One packing group per microbatch: the rows differ with grad_accum_steps, the update must not.
-    layout = packing.PackedLayout(64, grad_accum_steps, 16, tok.pad_token_id)
-    batch = layout.collate(enc, np.arange(16), np.ones(16))
-    batch["margin_GxB"] = np.full_like(batch["margin_GxB"], margin)
-    keys = packing.KEYS
+    batch = pipeline.PackedLayout(64, grad_accum_steps, 16, tok.pad_token_id).collate(enc, np.arange(16), np.ones(16))
   else:
     batch = pipeline.collate(enc, np.arange(16), np.ones(16), [32, 64], tok.pad_token_id)
-    batch["margin_B"] = np.full(16, margin, np.float32)
-    keys = train.evaluate.BUCKETED_KEYS
-  step_fn = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0, grad_accum_steps), shardings,
-                                 mesh, rule_table, keys)
-  before = jax.device_get(state["params"])
+  batch = batch.replace(margin_GxB=np.full_like(batch.margin_GxB, margin))
+  before = jax.device_get(trainer.state["params"])
   for _ in range(3):  # Past the warmup's zero learning rate.
-    state, metrics = step_fn(state, batch)
-  return before, jax.device_get(state["params"]), jax.device_get(metrics)
+    metrics = trainer.step(batch)
+  return before, jax.device_get(trainer.state["params"]), jax.device_get(metrics)
 
 
 import jax  # noqa: E402  (used by the helpers below only)

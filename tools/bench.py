@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxreward import evaluate, model as model_lib, optimizer, sharding, train
+from jaxreward import model as model_lib, pipeline, sharding, state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Run configuration file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
@@ -37,39 +37,40 @@ def main(argv):
   vocab = _VOCAB.value or config.data.vocab_size
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   model_cfg = model_lib.ModelConfig.from_config(config.model, vocab)
-  tx, schedule = optimizer.make(t, 1000)
-  graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, t.seed)
-  step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0, t.grad_accum_steps), shardings,
-                              mesh, rule_table)
+  t.center_rewards_coef = 0.0
+  trainer = state.Trainer(model_cfg, t, mesh, rule_table, 1000)
+  step = trainer.train_step
   rng = np.random.default_rng(0)
   b = t.batch_size
-  batch_np = {"tokens_BxPxL": rng.integers(2, vocab, size=(b, 2, length)).astype(np.int32),
-              "lengths_BxP": np.full((b, 2), length, np.int32), "weight_B": np.ones(b, np.float32),
-              "margin_B": np.zeros(b, np.float32)}
-  batch = evaluate.to_device(batch_np, evaluate.batch_shardings(mesh, rule_table))
+  # One pair per group, one full-length sequence per row: real tokens = all tokens.
+  host_batch = pipeline.Batch(tokens_GxRxL=rng.integers(2, vocab, size=(b, 2, length)).astype(np.int32),
+                              ends_GxBxP=np.tile(np.array([[[length - 1, 2 * length - 1]]], np.int32), (b, 1, 1)),
+                              weight_GxB=np.ones((b, 1), np.float32), margin_GxB=np.zeros((b, 1), np.float32))
+  batch = host_batch.on_device(trainer.batch_sharding)
+  train_state = trainer.state
 
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(train_state, batch).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
 
   for _ in range(_WARMUP.value):
-    state, metrics = step(state, batch)
+    train_state, metrics = step(train_state, batch)
   jax.block_until_ready(metrics)
   cache_before = step._cache_size()  # pylint: disable=protected-access
   times = []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    train_state, metrics = step(train_state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   recompiles = step._cache_size() - cache_before  # pylint: disable=protected-access
 
   step_s = float(np.median(times))
   tokens = b * 2 * length
-  params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  params = sum(x.size for x in jax.tree.leaves(train_state["params"]))
   analytic = 6 * params * tokens + 12 * model_cfg.num_layers * model_cfg.hidden_size * length * tokens / 2
   result = {
       "config": config.model.to_dict() | {"batch_size": b, "length": length, "vocab": vocab},

@@ -61,17 +61,17 @@ def _peak_rss_mib() -> float:
 
 
 def _prepare(config, workdir: str) -> dict:
-  from jaxreward import data, pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxreward import corpus, data, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   pairs, _ = data.load_pairs(_DATA.value, "auto", "skip")
-  pairs, _ = data.deduplicate(pairs)
+  pairs, _ = corpus.deduplicate(pairs)
   batch = config.train.batch_size
   n = min(_PAIRS.value, len(pairs)) // batch * batch
   if n == 0:
     raise app.UsageError(f"{_DATA.value}: {len(pairs)} pairs, fewer than one batch of {batch}")
   pairs = pairs[:n]
-  tok = tokenizer_lib.train_bpe(pipeline.texts_for_tokenizer(pairs), config.data.vocab_size)
+  tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(pairs), config.data.vocab_size)
   tok.save_pretrained(os.path.join(workdir, "tokenizer"))
-  enc = pipeline.encode(pairs, tok, config.data.max_length, "keep_end")
+  enc = tokenizer_lib.encode(pairs, tok, config.data.max_length, "keep_end")
   with open(os.path.join(workdir, "ids.json"), "w") as f:
     json.dump([[a.tolist(), b.tolist()] for a, b in enc.ids], f)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -172,40 +172,35 @@ def _summarise(ends: list, start: float, padded: int, real: int, setup_s: float,
 def _jax_child(workdir: str) -> dict:
   began = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxreward import evaluate, model as model_lib, optimizer, pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxreward import model as model_lib, pipeline, sharding, state  # pylint: disable=g-import-not-at-top
   from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   config, ids = _load_workdir(workdir)
-  t, d = config.train, config.data
+  t = config.train
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-  enc = pipeline.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  plan = train.make_plan(config, enc)
+  enc = tokenizer_lib.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
+  plan = pipeline.make_plan(config, enc)
   num_steps = plan.batches_per_epoch
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  layout, keys, _ = train.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
+  layout, _ = pipeline.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
   model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
-  tx, schedule = optimizer.make(t, num_steps)
-  graphdef, state, shardings = train.create_state(model_cfg, tx, mesh, rule_table, t.seed)
-  step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, t.center_rewards_coef,
-                                                    t.grad_accum_steps), shardings, mesh, rule_table, keys)
-  batch_shardings = evaluate.batch_shardings(mesh, rule_table, keys)
-  jax.block_until_ready(state)
+  trainer = state.Trainer(model_cfg, t, mesh, rule_table, num_steps)
+  jax.block_until_ready(trainer.state)
   setup_s = time.perf_counter() - began
 
   # Compile every shape the pass will use, on a throwaway state (the step donates its input).
   first_of_shape = {}
   for s in range(num_steps):
     idx = plan.indices(s)
-    first_of_shape.setdefault(layout.collate(enc, idx, np.ones(len(idx)))[keys[0]].shape, idx)
+    first_of_shape.setdefault(layout.collate(enc, idx, np.ones(len(idx))).tokens_GxRxL.shape, idx)
   start = time.perf_counter()
   for idx in first_of_shape.values():
-    batch = layout.collate(enc, idx, np.ones(len(idx)))
-    state, metrics = step(state, evaluate.to_device(batch, batch_shardings))
+    metrics = trainer.step(layout.collate(enc, idx, np.ones(len(idx))))
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
-  _, state, _ = train.create_state(model_cfg, tx, mesh, rule_table, t.seed)
-  jax.block_until_ready(state)
-  cache_before = step._cache_size()  # pylint: disable=protected-access
+  trainer.reset()
+  jax.block_until_ready(trainer.state)
+  cache_before = trainer.train_step._cache_size()  # pylint: disable=protected-access
 
   # The timed pass: as in train_and_evaluate's loop.
   padded = real = 0
@@ -214,9 +209,9 @@ def _jax_child(workdir: str) -> dict:
   iterator = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
   for _ in range(num_steps):
     batch = next(iterator)
-    padded += batch[keys[0]].size
-    real += int((batch["segments_GxRxL"] > 0).sum()) if d.packing else int(batch["lengths_BxP"].sum())
-    state, metrics = step(state, evaluate.to_device(batch, batch_shardings))
+    padded += batch.tokens_GxRxL.size
+    real += batch.real_tokens()
+    metrics = trainer.step(batch)
     if pending is not None:
       jax.device_get(pending)
       ends.append(time.perf_counter())
@@ -225,7 +220,7 @@ def _jax_child(workdir: str) -> dict:
   ends.append(time.perf_counter())
   return _summarise(ends, start, padded, real, setup_s, compile_s, final_loss=loss,
                     distinct_shapes=sorted(first_of_shape),
-                    recompiles_after_warmup=step._cache_size() - cache_before)  # pylint: disable=protected-access
+                    recompiles_after_warmup=trainer.train_step._cache_size() - cache_before)  # pylint: disable=protected-access
 
 
 def _trl_child(workdir: str) -> dict:

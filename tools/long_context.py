@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxreward import loss, model as model_lib, optimizer, packing, pipeline  # noqa: E402
+from jaxreward import loss, model as model_lib, optimizer, pipeline, state, tokenizer  # noqa: E402
 
 SHAPE = re.compile(r"\b(f32|bf16|f16)\[([0-9,]+)\]")
 
@@ -44,18 +44,18 @@ def largest_buffers(hlo_text: str, length: int):
   return biggest, sorted(square)
 
 
-def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: float = 0.0) -> tuple[dict, int]:
+def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: float = 0.0) -> tuple[pipeline.Batch, int]:
   """As many synthetic pairs (lognormal lengths, median `median` or length / 12) as fill `rows` rows."""
   rng = np.random.default_rng(seed)
   lengths = []
   while True:
     pair = np.clip(rng.lognormal(np.log(median or length / 12), 0.7, size=2), 8, length).astype(int)
-    if packing.first_fit_decreasing(np.concatenate(lengths + [pair]), length)[2] > rows:
+    if pipeline.first_fit_decreasing(np.concatenate(lengths + [pair]), length)[2] > rows:
       break
     lengths.append(pair)
   ids = [[rng.integers(2, vocab, size=int(n)).astype(np.int32) for n in pair] for pair in lengths]
-  enc = pipeline.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  layout = packing.PackedLayout(length, 1, len(ids), pad_id=0)
+  enc = tokenizer.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
+  layout = pipeline.PackedLayout(length, 1, len(ids), pad_id=0)
   layout.row_buckets = [rows]
   return layout.collate(enc, np.arange(len(ids)), np.ones(len(ids))), int(np.sum(lengths))
 
@@ -90,9 +90,7 @@ def main(argv=None) -> dict:
   tx, _ = optimizer.make(train_cfg, 100)
 
   def sum_loss(params, batch):
-    r_Bx2 = nnx.merge(graphdef, params).score_packed(batch["tokens_GxRxL"], batch["positions_GxRxL"],
-                                                     batch["segments_GxRxL"], batch["ends_GxBxP"]).reshape(-1, 2)
-    sums = loss.batch_sums(r_Bx2, batch["weight_GxB"].reshape(-1), batch["margin_GxB"].reshape(-1), 0.0)
+    sums = loss.batch_sums(*state.batch_rewards(nnx.merge(graphdef, params), batch), 0.0)
     return sums["loss"] / sums["count"]
 
   def step(params, opt_state, batch):
@@ -109,7 +107,7 @@ def main(argv=None) -> dict:
   dense_logits = args.rows * args.num_heads * args.length ** 2 * 4
   result = {
       "device": jax.devices()[0].device_kind, "attention": args.attention, "length": args.length, "rows": args.rows,
-      "pairs": int(batch_np["ends_GxBxP"].shape[1]), "real_tokens": real_tokens,
+      "pairs": int(batch_np.ends_GxBxP.shape[1]), "real_tokens": real_tokens,
       "parameters": int(sum(x.size for x in jax.tree.leaves(params))), "compile_s": round(compile_s, 1),
       "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 1), "argument_MiB": round(mem.argument_size_in_bytes / 2**20, 1),
       "dense_logits_per_layer_MiB": round(dense_logits / 2**20, 1), "largest_buffer": big_shape,

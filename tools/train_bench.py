@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxreward import evaluate, model as model_lib, optimizer, packing, pipeline, sharding, train  # noqa: E402
+from jaxreward import model as model_lib, pipeline, sharding, state  # noqa: E402
 from jaxreward.configuration import defaults  # noqa: E402
 from long_context import packed_batch  # noqa: E402  (tools/ sibling: the same synthetic packed rows)
 
@@ -45,11 +45,12 @@ def model_flops(cfg: model_lib.ModelConfig, sequence_lengths) -> float:
 
 
 def unpacked_batch(pairs: int, length: int, vocab: int):
+  """One pair per group, one full-length sequence per row (pipeline.BucketedLayout's shape)."""
   rng = np.random.default_rng(0)
-  batch = {"tokens_BxPxL": rng.integers(2, vocab, size=(pairs, 2, length)).astype(np.int32),
-           "lengths_BxP": np.full((pairs, 2), length, np.int32), "weight_B": np.ones(pairs, np.float32),
-           "margin_B": np.zeros(pairs, np.float32)}
-  return batch, [length] * (2 * pairs), evaluate.BUCKETED_KEYS
+  batch = pipeline.Batch(tokens_GxRxL=rng.integers(2, vocab, size=(pairs, 2, length)).astype(np.int32),
+                         ends_GxBxP=np.tile(np.array([[[length - 1, 2 * length - 1]]], np.int32), (pairs, 1, 1)),
+                         weight_GxB=np.ones((pairs, 1), np.float32), margin_GxB=np.zeros((pairs, 1), np.float32))
+  return batch, [length] * (2 * pairs)
 
 
 def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) -> dict:
@@ -57,37 +58,35 @@ def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) 
   cfg = dataclasses.replace(base, attention=attention)
   if layout == "P":
     batch_np, _ = packed_batch(args.length, 2 * args.pairs, cfg.vocab_size, median=args.packed_median)
-    seg = batch_np["segments_GxRxL"]
+    seg = batch_np.segments_GxRxL
     # Sequence lengths from the segment ids (each row's segments 1..m are contiguous runs).
     lengths = [int(c) for row in seg.reshape(-1, seg.shape[-1]) for c in np.bincount(row)[1:] if c]
-    keys = packing.KEYS
   else:
-    batch_np, lengths, keys = unpacked_batch(args.pairs, args.length, cfg.vocab_size)
+    batch_np, lengths = unpacked_batch(args.pairs, args.length, cfg.vocab_size)
   train_cfg = defaults().train
-  tx, schedule = optimizer.make(train_cfg, 1000)
-  graphdef, state, shardings = train.create_state(cfg, tx, mesh, rule_table, seed=0)
-  step = train.jit_train_step(train.make_train_step(graphdef, tx, schedule, 0.0, 1), shardings, mesh, rule_table,
-                              keys)
-  batch = evaluate.to_device(batch_np, evaluate.batch_shardings(mesh, rule_table, keys))
+  train_cfg.seed, train_cfg.center_rewards_coef, train_cfg.grad_accum_steps = 0, 0.0, 1
+  trainer = state.Trainer(cfg, train_cfg, mesh, rule_table, 1000)
+  train_state = trainer.state
+  batch = batch_np.on_device(trainer.batch_sharding)
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = trainer.train_step.lower(train_state, batch).compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
+    train_state, metrics = compiled(train_state, batch)
   first = jax.device_get(metrics)
   times = []
   for _ in range(args.steps):
     t = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    train_state, metrics = compiled(train_state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
   flops = model_flops(cfg, lengths)
   stats = jax.devices()[0].memory_stats() or {}
-  slots = int(np.prod(batch_np["tokens_GxRxL" if layout == "P" else "tokens_BxPxL"].shape))
+  slots = int(np.prod(batch_np.tokens_GxRxL.shape))
   return {
       "variant": name, "compile_s": round(compile_s, 2), "step_ms": round(1e3 * step_s, 2),
       "real_tokens": int(sum(lengths)), "slot_tokens": slots, "real_tokens_per_s": round(sum(lengths) / step_s),
