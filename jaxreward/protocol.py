@@ -7,9 +7,9 @@ JSON of the wrong shape, 413 for a request over the server's `Limits`.
 /get_reward (OpenRLHF): each query is the policy's decoded prompt + response, possibly with pad tokens at
 either end and EOS at the end. `QuerySplitter` strips the pad and EOS texts of the reward model's tokenizer
 from the ends (and a leading BOS text, which tokenization adds back). When `prompts[i]` is given and the
-query starts with it, the row is (prompt, rest): scored exactly as training scores a text pair (prompt and
-response tokenized separately, EOS appended). Otherwise the whole query is one text with an empty prompt:
-the same characters, but a BPE merge across the prompt/response boundary can differ from training by a token.
+query starts with it, the row is (prompt, rest); otherwise the whole query is one text with an empty prompt.
+Either way the row is scored exactly as training scores that text: training tokenizes prompt + response as
+one string (tokenizer.encode), so where the split falls changes no token.
 """
 
 from __future__ import annotations
