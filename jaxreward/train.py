@@ -172,12 +172,16 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     m = loss.finalize(host) | {k: float(host[k]) for k in ("grad_norm", "learning_rate")}
     if host["skipped"]:
       if t.nan_policy == "stop":
-        ckpt.wait()  # Commits a save still in flight before the run ends.
-        last = ckpt.latest_step()
+        # The step applies an update only when it is finite, so the state as it stands holds checked updates
+        # alone (the bad step's is not in it): save it, whichever step the one-step-late fetch let it reach.
+        last = int(jax.device_get(trainer.state["step"]))
+        if last not in ckpt.all_steps():
+          ckpt.save(last, trainer.state, iterator.get_state(), None)
+        ckpt.wait()  # Committed before the run ends.
         ckpt.close()
         raise NonFiniteLoss(f"non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step {step}; "
-                            f"the last checkpoint (step {last}) in {ckpt.directory} is intact: lower "
-                            "train.learning_rate in a new --workdir or continue it with "
+                            f"its update was not applied, and the state after step {last} is saved in "
+                            f"{ckpt.directory}: lower train.learning_rate in a new --workdir or continue it with "
                             "--config.train.resume=force; or set train.nan_policy=skip")
       skipped_steps.append(step)
       log(f"step {step}: non-finite loss or gradient; update skipped ({len(skipped_steps)} so far)")

@@ -148,12 +148,15 @@ def test_nothing_usable_is_one_error(tmp_path):
   ckpt.close()
 
 
-def test_non_finite_stop_commits_the_last_checkpoint(tmp_path):
+def test_non_finite_stop_saves_the_last_checked_state(tmp_path):
   workdir = tmp_path / "w"
   line = one_error_line(cli(workdir, "--config.train.learning_rate=1e30", "--config.train.warmup_steps=0",
-                            "--config.train.eval_every=1"), configuration.EXIT_CRASH)
-  assert "non-finite loss" in line and "the last checkpoint (step 1)" in line
-  assert steps(workdir) == [1]
+                            "--config.train.eval_every=5"), configuration.EXIT_CRASH)
+  bad = int(re.search(r"non-finite loss .* at step (\d+);", line).group(1))
+  last = int(re.search(r"the state after step (\d+) is saved", line).group(1))
+  assert last in (bad, bad + 1) and "its update was not applied" in line, line
+  assert steps(workdir)[-1] == last  # Committed before the exit, with the iterator's state beside it.
+  assert os.path.isdir(workdir / "checkpoints" / str(last) / "data")
 
 
 # --- params apart from the optimizer state ----------------------------------------------------------------
