@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxreward import configuration, sharding, train
+from jaxreward import configuration, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Run configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Output folder; re-running with it resumes.")
@@ -27,7 +27,6 @@ def main(argv):
           file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
   try:
-    sharding.initialize_processes(config.distributed)
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except configuration.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -102,9 +102,10 @@ def make_mesh(config):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and reports; returns the summary written to metrics.json.
 
-  The config is validated (once: main.py leaves it to this) and the work dir checked and locked first
-  (rundir.py): a refused run changes nothing in it."""
+  The config is validated (once: main.py leaves it to this) before this process joins a multi-host job, and
+  the work dir checked and locked next (rundir.py): a refused run changes nothing in it."""
   configuration.validate(config)
+  sharding.initialize_processes(config.distributed)  # Before any device is touched; a no-op for one process.
   with rundir.open_run(workdir, config.copy_and_resolve_references(), log) as run_dir:
     return _train_and_evaluate(config, workdir, run_dir)
 
