@@ -85,7 +85,8 @@ def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, bloc
   kv = k_BxLxKxH.shape[2]
   block = min(block, -(-l // 8) * 8)
   padded = -(-l // block) * block
-  segments_BxL = jnp.zeros((b, l), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
+  # jnp: a host (numpy) array cannot be indexed by the kernel loops' traced block index.
+  segments_BxL = jnp.zeros((b, l), jnp.int32) if segments_BxL is None else jnp.asarray(segments_BxL, jnp.int32)
   if padded != l:
     # Keys past the end come after every real query, so the causal rule hides them; their queries are dropped.
     pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
