@@ -55,7 +55,10 @@ def _from_orbax(record) -> bool:
   # unretrieved: asyncio logs it with the traceback in exc_info, not in the message.
   if "orbax" in record.pathname or "orbax" in record.getMessage():
     return True
-  tb = record.exc_info[2] if record.exc_info else None
+  return _through_orbax(record.exc_info[2] if record.exc_info else None)
+
+
+def _through_orbax(tb) -> bool:
   while tb is not None:
     if "orbax" in tb.tb_frame.f_code.co_filename:
       return True
@@ -69,8 +72,11 @@ _unraisable = sys.unraisablehook
 
 
 def _quiet_closed_loop(unraisable):
-  """After a failed save, tensorstore's callbacks find orbax's event loop closed, once per pending write."""
-  if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+  """After a failed save, tensorstore's callbacks find orbax's event loop closed, once per pending write; after
+  a failed read (reported once, as a CheckpointError), a sibling read coroutine of orbax's is collected with its
+  own error still attached. Neither is news to the user."""
+  closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+  if not (closed_loop or _through_orbax(unraisable.exc_traceback)):
     _unraisable(unraisable)
 
 
