@@ -15,19 +15,22 @@ from absl import flags
 from jaxreward import configuration
 
 
-def parse(flag_values: flags.FlagValues, argv: list[str] | None, usage: str) -> list[str] | int:
-  """The positional arguments left after parsing `argv` (default sys.argv[1:]), or an exit code to return:
-  0 after printing the help, 2 after a one-line error."""
+def parse(flag_values: flags.FlagValues, argv: list[str] | None, usage: str,
+          positional: tuple[str, ...] = ()) -> list[str] | int:
+  """The positional arguments (exactly the names in `positional`) left after parsing `argv` (default
+  sys.argv[1:]), or an exit code to return: 0 after printing the help, 2 after a one-line error."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if "--help" in argv or "-h" in argv:
     print(usage.strip() + "\n\n" + flag_values.get_help(include_special_flags=False))
     return configuration.EXIT_OK
   flag_values.unparse_flags()  # Earlier calls in this process must not leave their values behind.
   try:
-    return flag_values(["jaxreward"] + argv)[1:]
+    rest = flag_values(["jaxreward"] + argv)[1:]
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return configuration.EXIT_BAD_INPUT
+    return fail(e)
+  if len(rest) != len(positional):
+    return fail(f"expected {' and '.join(positional) if positional else 'no positional arguments'}, got {rest}")
+  return rest
 
 
 def fail(error) -> int:

@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
   if isinstance(rest, int):
     return rest
   try:
-    if rest:
-      raise configuration.ConfigError(f"unexpected arguments {rest}")
     result = evaluate.evaluate_file(FLAGS.workdir, FLAGS.data, checkpoint.parse_which(FLAGS.checkpoint), FLAGS.out)
   except configuration.ConfigError as e:
     return commands.fail(e)

@@ -43,12 +43,10 @@ def resolve(path: str, which: str | int) -> tuple[str, str | int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  rest = commands.parse(FLAGS, argv, __doc__)
+  rest = commands.parse(FLAGS, argv, __doc__, ("SOURCE", "OUT"))
   if isinstance(rest, int):
     return rest
   try:
-    if len(rest) != 2:
-      raise ConfigError(f"expected SOURCE and OUT, got {rest}")
     source, out = rest
     workdir, which = resolve(source, checkpoint.parse_which(FLAGS.checkpoint))
     outputs.check_folder(out, FLAGS.overwrite, sources=(workdir,))

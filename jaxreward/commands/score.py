@@ -30,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
   if isinstance(rest, int):
     return rest
   try:
-    if rest:
-      raise ConfigError(f"unexpected arguments {rest}")
     which = checkpoint.parse_which(FLAGS.checkpoint)
     score.check_model_path(FLAGS.model)
     outputs.check_file(FLAGS.out)
