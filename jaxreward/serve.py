@@ -1,6 +1,6 @@
 """A reward server: a jaxreward model behind HTTP, for RL jobs (OpenRLHF's protocol and a native one).
 
-  python -m jaxreward.serve --model RUN_OR_HF_DIR [--port 5000] [--host 127.0.0.1] [--normalize_reward]
+  python -m jaxreward.serve (or jaxreward-serve) --model RUN_OR_HF_DIR [--port 5000] [--host 127.0.0.1] [--normalize_reward]
 
   POST /get_reward  OpenRLHF's remote reward-model protocol, unchanged (`--remote_rm_url http://HOST:PORT/get_reward`):
                     {"query": [text, ...], "prompts": [text, ...] (optional), ...} -> {"rewards": [float, ...]}
@@ -21,13 +21,10 @@ SIGTERM stops accepting connections, finishes the requests in flight, and exits 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
 import dataclasses
-import signal
-import sys
 import threading
 import time
 
@@ -40,7 +37,6 @@ from starlette.exceptions import HTTPException
 import uvicorn
 
 from jaxreward import batcher as batcher_lib
-from jaxreward import configuration, load_scorer
 from jaxreward.configuration import ConfigError
 from jaxreward.protocol import BadRequest, Limits, QuerySplitter, parse_get_reward, parse_json, parse_score
 
@@ -178,7 +174,7 @@ def build_app(service: Service) -> fastapi.FastAPI:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# The HTTP server (the command line is jaxreward/commands/serve.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -189,61 +185,7 @@ def make_server(service: Service, host: str, port: int, drain_timeout: float | N
                                        timeout_graceful_shutdown=drain_timeout))
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m jaxreward.serve", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", required=True, help="a jaxreward work dir or an exported HF folder")
-  parser.add_argument("--checkpoint", default="best", help="work dir only: best | latest | STEP")
-  parser.add_argument("--max_length", type=int, default=None, help="override the scoring max length")
-  parser.add_argument("--host", default="127.0.0.1")
-  parser.add_argument("--port", type=int, default=5000)
-  parser.add_argument("--normalize_reward", action="store_true",
-                      help="/get_reward returns rewards normalised with the saved validation mean/std")
-  parser.add_argument("--max_body_bytes", type=int, default=Limits.max_body_bytes)
-  parser.add_argument("--max_rows", type=int, default=Limits.max_rows, help="rows per request")
-  parser.add_argument("--max_chars", type=int, default=Limits.max_chars, help="characters per row")
-  parser.add_argument("--batch_wait_ms", type=float, default=2.0,
-                      help="how long the worker waits for more requests to join a batch")
-  parser.add_argument("--batch_rows", type=int, default=64, help="rows after which a batch stops gathering")
-  parser.add_argument("--drain_timeout", type=float, default=60.0,
-                      help="seconds SIGTERM waits for requests in flight")
-  parser.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
-  args = parser.parse_args(argv)
-  for key in ("max_body_bytes", "max_rows", "max_chars", "batch_rows"):
-    if getattr(args, key) < 1:
-      raise ConfigError(f"--{key} must be >= 1, got {getattr(args, key)}")
-  if args.batch_wait_ms < 0 or args.drain_timeout < 0:
-    raise ConfigError("--batch_wait_ms and --drain_timeout must be >= 0")
-  if not 0 <= args.port <= 65535:
-    raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-  if args.checkpoint not in ("best", "latest") and not args.checkpoint.isdigit():
-    raise ConfigError(f"--checkpoint must be best, latest or a step number, got {args.checkpoint!r}")
-  return args
-
-
-def main(argv=None) -> int:
-  try:
-    args = parse_args(argv)
-    compiles = CompileCounter()
-    scorer = load_scorer(args.model, args.checkpoint, args.max_length)
-    if args.normalize_reward and (scorer.mean is None or scorer.std is None):
-      raise ConfigError(f"{args.model}: --normalize_reward needs the validation reward mean/std saved at "
-                        "training (metrics.jsonl / reward_normalization.json); none found")
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return configuration.EXIT_BAD_INPUT
-  shapes = scorer.warmup()
-  limits = Limits(args.max_body_bytes, args.max_rows, args.max_chars)
-  server = make_server(Service(scorer, limits, args.normalize_reward, args.batch_rows, args.batch_wait_ms / 1000,
-                               compiles), args.host, args.port, args.drain_timeout, args.log_level)
-  print(f"serving {scorer.description} on http://{args.host}:{args.port} ({shapes} shapes compiled; "
-        "POST /get_reward, POST /score, GET /health)", file=sys.stderr, flush=True)
-  # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handler it found: make that a
-  # no-op, so a drained server exits 0 rather than dying of the re-raised signal.
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: None)
-  server.run()
-  return configuration.EXIT_OK if server.started else configuration.EXIT_CRASH
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m jaxreward.serve` predates jaxreward.commands; runpy keeps it working without an import cycle.
+  import runpy  # pylint: disable=g-import-not-at-top
+  runpy.run_module("jaxreward.commands.serve", run_name="__main__", alter_sys=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxreward import pipeline, tokenizer
 from jaxreward.data import Pair
 
 CATEGORIES = {
@@ -62,3 +63,20 @@ def generate(num_pairs: int, seed: int) -> list[Pair]:
     pairs.append(Pair(prompt=prompt + "\nAnswer:", chosen=chosen, rejected=rejected, extra={"category": kind},
                       where=f"synthetic:{len(pairs) + 1}"))
   return pairs
+
+
+def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: float = 0.0) -> tuple[pipeline.Batch, int]:
+  """A packed batch of random token ids for benchmarks (tools/long_context.py, tools/train_bench.py): as many
+  pairs (lognormal lengths, median `median` or length / 12) as fill `rows` rows; also returns the real tokens."""
+  rng = np.random.default_rng(seed)
+  lengths = []
+  while True:
+    pair = np.clip(rng.lognormal(np.log(median or length / 12), 0.7, size=2), 8, length).astype(int)
+    if pipeline.first_fit_decreasing(np.concatenate(lengths + [pair]), length)[2] > rows:
+      break
+    lengths.append(pair)
+  ids = [[rng.integers(2, vocab, size=int(n)).astype(np.int32) for n in pair] for pair in lengths]
+  enc = tokenizer.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
+  layout = pipeline.PackedLayout(length, 1, len(ids), pad_id=0)
+  layout.row_buckets = [rows]
+  return layout.collate(enc, np.arange(len(ids)), np.ones(len(ids))), int(np.sum(lengths))

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, load_config
 
 from jaxreward import corpus, protocol, serve
+from jaxreward.commands import serve as serve_command
 
 START_TIMEOUT_S = 300  # Loading and compiling every shape; slow when other jobs share the 2 cores.
 
@@ -275,7 +276,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
   for argv, expect in ((["--model", str(tmp_path / "missing")], "no such file or directory"),
                        (["--model", str(tmp_path)], "neither a jaxreward"),
                        (["--model", str(tmp_path), "--max_rows", "0"], "--max_rows must be >= 1")):
-    assert serve.main(argv) == 2
+    assert serve_command.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expect in err, err
 

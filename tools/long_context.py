@@ -11,22 +11,20 @@ and whether any buffer has two dimensions >= L (the [rows, heads, L, L] logits o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import pathlib
 import re
-import sys
 import time
+import types
 
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxreward import loss, model as model_lib, optimizer, pipeline, state, tokenizer  # noqa: E402
+from jaxreward import loss, model as model_lib, optimizer, state, synthetic
 
 SHAPE = re.compile(r"\b(f32|bf16|f16)\[([0-9,]+)\]")
 
@@ -44,42 +42,29 @@ def largest_buffers(hlo_text: str, length: int):
   return biggest, sorted(square)
 
 
-def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: float = 0.0) -> tuple[pipeline.Batch, int]:
-  """As many synthetic pairs (lognormal lengths, median `median` or length / 12) as fill `rows` rows."""
-  rng = np.random.default_rng(seed)
-  lengths = []
-  while True:
-    pair = np.clip(rng.lognormal(np.log(median or length / 12), 0.7, size=2), 8, length).astype(int)
-    if pipeline.first_fit_decreasing(np.concatenate(lengths + [pair]), length)[2] > rows:
-      break
-    lengths.append(pair)
-  ids = [[rng.integers(2, vocab, size=int(n)).astype(np.int32) for n in pair] for pair in lengths]
-  enc = tokenizer.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
-  layout = pipeline.PackedLayout(length, 1, len(ids), pad_id=0)
-  layout.row_buckets = [rows]
-  return layout.collate(enc, np.arange(len(ids)), np.ones(len(ids))), int(np.sum(lengths))
+_LENGTH = flags.DEFINE_integer("length", 8192, "tokens per packed row")
+_ROWS = flags.DEFINE_integer("rows", 2, "packed rows")
+_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 128, "model width (configs/small.py)")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "layers")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "query heads")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "key/value heads")
+_MLP_DIM = flags.DEFINE_integer("mlp_dim", 384, "feed-forward width")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "vocabulary")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "model.attention")
+_STEPS = flags.DEFINE_integer("steps", 3, "train steps after compiling")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "stop after the memory analysis")
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--length", type=int, default=8192)
-  p.add_argument("--rows", type=int, default=2)
-  p.add_argument("--hidden_size", type=int, default=128)  # configs/small.py
-  p.add_argument("--num_layers", type=int, default=4)
-  p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--num_kv_heads", type=int, default=2)
-  p.add_argument("--mlp_dim", type=int, default=384)
-  p.add_argument("--vocab_size", type=int, default=8192)
-  p.add_argument("--attention", default="auto")
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--compile_only", action="store_true")
-  args = p.parse_args(argv)
-
+def main(argv) -> None:
+  del argv
+  args = types.SimpleNamespace(**{name: flags.FLAGS[name].value for name in (
+      "length", "rows", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size",
+      "attention", "steps", "compile_only")})
   cfg = model_lib.ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                               num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                               head_dim=args.hidden_size // args.num_heads, mlp_dim=args.mlp_dim,
                               tie_embeddings=True, attention=args.attention)
-  batch_np, real_tokens = packed_batch(args.length, args.rows, args.vocab_size)
+  batch_np, real_tokens = synthetic.packed_batch(args.length, args.rows, args.vocab_size)
   batch = jax.tree.map(jnp.asarray, batch_np)
   with nnx.use_eager_sharding(False):
     graphdef, params = nnx.split(model_lib.RewardModel(cfg, nnx.Rngs(0)), nnx.Param)
@@ -125,8 +110,7 @@ def main(argv=None) -> dict:
       print(f"step {len(losses)}: loss {losses[-1]:.5f} in {times[-1]:.1f} s", flush=True)
     result.update(losses=[round(x, 6) for x in losses], step_s=round(float(np.median(times)), 2))
   print(json.dumps(result))
-  return result
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

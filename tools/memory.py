@@ -8,24 +8,19 @@ model.init_from's config.json, else data.tokenizer, else data.vocab_size.
 """
 
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-from jaxreward import configuration  # pylint: disable=g-import-not-at-top
+from jaxreward import configuration, hf, memory, model as model_lib, sharding, tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/medium.py", "Run configuration file.", lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 0, "Total devices to resolve a -1 mesh axis; 0 = the fewest possible.")
 
 
 def model_config(config):
-  from jaxreward import model as model_lib, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if config.model.init_from:
-    from jaxreward import hf  # pylint: disable=g-import-not-at-top
     return hf.model_config(config.model.init_from, config.model.copy_and_resolve_references())
   vocab = config.data.vocab_size
   if config.data.tokenizer:
@@ -37,7 +32,6 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(configuration.EXIT_BAD_INPUT)
-  from jaxreward import memory, sharding  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     fixed = math.prod(int(config.mesh[a]) for a in sharding.MESH_AXES if int(config.mesh[a]) != -1)

@@ -14,21 +14,18 @@ A failing variant prints its error and the rest still run. The last line is one 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import pathlib
-import sys
 import time
+import types
 import traceback
 
+from absl import app, flags
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxreward import model as model_lib, pipeline, sharding, state  # noqa: E402
-from jaxreward.configuration import defaults  # noqa: E402
-from long_context import packed_batch  # noqa: E402  (tools/ sibling: the same synthetic packed rows)
+from jaxreward import model as model_lib, pipeline, sharding, state, synthetic
+from jaxreward.configuration import defaults
 
 
 def matmul_parameters(cfg: model_lib.ModelConfig) -> int:
@@ -57,7 +54,7 @@ def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) 
   layout, attention = name.split("-", 1)
   cfg = dataclasses.replace(base, attention=attention)
   if layout == "P":
-    batch_np, _ = packed_batch(args.length, 2 * args.pairs, cfg.vocab_size, median=args.packed_median)
+    batch_np, _ = synthetic.packed_batch(args.length, 2 * args.pairs, cfg.vocab_size, median=args.packed_median)
     seg = batch_np.segments_GxRxL
     # Sequence lengths from the segment ids (each row's segments 1..m are contiguous runs).
     lengths = [int(c) for row in seg.reshape(-1, seg.shape[-1]) for c in np.bincount(row)[1:] if c]
@@ -98,25 +95,30 @@ def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) 
   }
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--hidden_size", type=int, default=2048)
-  p.add_argument("--num_layers", type=int, default=4)
-  p.add_argument("--num_heads", type=int, default=32)
-  p.add_argument("--num_kv_heads", type=int, default=8)
-  p.add_argument("--mlp_dim", type=int, default=0, help="0 = 4 x hidden_size")
-  p.add_argument("--vocab_size", type=int, default=32768)
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--length", type=int, default=2048)
-  p.add_argument("--pairs", type=int, default=4, help="unpacked: pairs x 2 rows; packed rows: the same count")
-  p.add_argument("--packed_median", type=float, default=350.0, help="median synthetic sequence length, packed")
-  p.add_argument("--variants", default="P-cudnn,U-cudnn,P-xla,U-xla,P-blockwise,U-blockwise")
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--peak_tflops", type=float, default=989.0)
-  p.add_argument("--json", default="")
-  args = p.parse_args(argv)
+_FLAGS = {
+    "hidden_size": flags.DEFINE_integer("hidden_size", 2048, "model width"),
+    "num_layers": flags.DEFINE_integer("num_layers", 4, "layers"),
+    "num_heads": flags.DEFINE_integer("num_heads", 32, "query heads"),
+    "num_kv_heads": flags.DEFINE_integer("num_kv_heads", 8, "key/value heads"),
+    "mlp_dim": flags.DEFINE_integer("mlp_dim", 0, "0 = 4 x hidden_size"),
+    "vocab_size": flags.DEFINE_integer("vocab_size", 32768, "vocabulary"),
+    "dtype": flags.DEFINE_string("dtype", "bfloat16", "compute dtype"),
+    "remat": flags.DEFINE_bool("remat", False, "recompute each block in the backward pass"),
+    "length": flags.DEFINE_integer("length", 2048, "tokens per row"),
+    "pairs": flags.DEFINE_integer("pairs", 4, "unpacked: pairs x 2 rows; packed rows: the same count"),
+    "packed_median": flags.DEFINE_float("packed_median", 350.0, "median synthetic sequence length, packed"),
+    "variants": flags.DEFINE_string("variants", "P-cudnn,U-cudnn,P-xla,U-xla,P-blockwise,U-blockwise",
+                                    "LAYOUT-ATTENTION pairs, comma-separated"),
+    "steps": flags.DEFINE_integer("steps", 5, "timed steps"),
+    "warmup": flags.DEFINE_integer("warmup", 2, "untimed steps"),
+    "peak_tflops": flags.DEFINE_float("peak_tflops", 989.0, "the device's peak TFLOP/s for MFU"),
+    "json": flags.DEFINE_string("json", "", "also write the results here"),
+}
+
+
+def main(argv) -> None:
+  del argv
+  args = types.SimpleNamespace(**{name: flag.value for name, flag in _FLAGS.items()})
   base = model_lib.ModelConfig(
       vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
       num_kv_heads=args.num_kv_heads, head_dim=args.hidden_size // args.num_heads,
@@ -151,8 +153,7 @@ def main(argv=None) -> dict:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
   print(json.dumps(out))
-  return out
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
