@@ -29,6 +29,18 @@ def tiny_config():
   return config
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """configs/tiny.py trained once for the whole session (train, score, serve and export tests read it; none may
+  write into its work dir): {"config", "workdir", "summary"}."""
+  from jaxreward import train  # pylint: disable=g-import-not-at-top  (jax: after the XLA_FLAGS above)
+  config = load_config("tiny")
+  config.mesh.data = 1
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  summary = train.train_and_evaluate(config, workdir)
+  return {"config": config, "workdir": workdir, "summary": summary}
+
+
 def require_shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} is absent (real preference data is only beside the project's own checkout)")

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, load_config, qwen2_style_bpe  # pylint: disable=g-bad-import-order
+from conftest import ROOT, SHARED_DATA, qwen2_style_bpe  # pylint: disable=g-bad-import-order
 
 torch = pytest.importorskip("torch", reason="torch is in the test extra; the export is checked against it")
 transformers = pytest.importorskip("transformers")
@@ -79,16 +79,11 @@ def _pipeline(folder, texts, batch_size):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """configs/tiny.py trained for a few steps, exported with tools/convert_to_hf.py."""
-  from jaxreward import train  # pylint: disable=g-import-not-at-top
-  config = load_config("tiny")
-  config.mesh.data = 1
-  config.train.num_steps, config.train.eval_every = 6, 3
-  root = tmp_path_factory.mktemp("export")
-  train.train_and_evaluate(config, str(root / "run"))
-  assert _tool("convert_to_hf").main([str(root / "run"), str(root / "hf")]) == 0
-  return {"workdir": str(root / "run"), "hf": str(root / "hf"), "scorer": score.load_scorer(str(root / "run"))}
+def run(tiny_run, tmp_path_factory):
+  """The session's tiny model, exported with tools/convert_to_hf.py."""
+  workdir, hf_dir = tiny_run["workdir"], str(tmp_path_factory.mktemp("export") / "hf")
+  assert _tool("convert_to_hf").main([workdir, hf_dir]) == 0
+  return {"workdir": workdir, "hf": hf_dir, "scorer": score.load_scorer(workdir)}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT
 
 from jaxreward import corpus, score
 from jaxreward.commands import evaluate as evaluate_cmd, score as score_cmd
@@ -22,14 +22,10 @@ def write_pairs(path, pairs):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny model trained once for the module, and its validation split as a JSONL file."""
-  from jaxreward import train  # pylint: disable=g-import-not-at-top
-  config = load_config("tiny")
-  config.mesh.data = 1
+def run(tiny_run, tmp_path_factory):
+  """The session's tiny model, and its validation split as a JSONL file."""
+  config, workdir, summary = tiny_run["config"], tiny_run["workdir"], tiny_run["summary"]
   root = tmp_path_factory.mktemp("score")
-  workdir = str(root / "run")
-  summary = train.train_and_evaluate(config, workdir)
   validation = corpus.prepare(config, lambda _: None).validation
   return {"workdir": workdir, "summary": summary, "validation": validation, "root": root,
           "val_path": write_pairs(root / "val.jsonl", validation.pairs)}

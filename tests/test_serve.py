@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT
 
 from jaxreward import corpus, protocol, serve
 from jaxreward.commands import serve as serve_command
@@ -25,14 +25,10 @@ START_TIMEOUT_S = 300  # Loading and compiling every shape; slow when other jobs
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny model trained once for the module, its validation pairs, and a reference scorer."""
+def run(tiny_run):
+  """The session's tiny model, its validation pairs, and a reference scorer."""
   import jaxreward  # pylint: disable=g-import-not-at-top
-  from jaxreward import train  # pylint: disable=g-import-not-at-top
-  config = load_config("tiny")
-  config.mesh.data = 1
-  workdir = str(tmp_path_factory.mktemp("serve") / "run")
-  train.train_and_evaluate(config, workdir)
+  config, workdir = tiny_run["config"], tiny_run["workdir"]
   pairs = corpus.prepare(config, lambda _: None).validation.pairs
   return {"workdir": workdir, "pairs": pairs, "scorer": jaxreward.load_scorer(workdir)}
 

@@ -13,13 +13,8 @@ METRICS_KEYS = {"train_accuracy", "val_accuracy", "overfitting_gap", "num_parame
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  from tests.conftest import load_config
-  config = load_config("tiny")
-  config.mesh.data = 1
-  workdir = str(tmp_path_factory.mktemp("tiny"))
-  summary = train.train_and_evaluate(config, workdir)
-  return config, workdir, summary
+def finished_run(tiny_run):
+  return tiny_run["config"], tiny_run["workdir"], tiny_run["summary"]
 
 
 def test_has_a_pulse(finished_run):
