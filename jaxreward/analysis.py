@@ -18,7 +18,6 @@ import math
 import os
 
 import numpy as np
-import scipy.stats
 
 from jaxreward import loss
 
@@ -75,12 +74,14 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
   """None when either side is constant: the correlation is undefined, not zero."""
   if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
+  import scipy.stats  # pylint: disable=g-import-not-at-top  (seconds to import; only the post-run report needs it)
   return float(scipy.stats.pearsonr(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
   if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
+  import scipy.stats  # pylint: disable=g-import-not-at-top
   return float(scipy.stats.spearmanr(x, y).statistic)
 
 

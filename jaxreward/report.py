@@ -9,14 +9,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import matplotlib
-import tensorboardX
 
 from jaxreward import analysis, gate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+
+def summary_writer(logdir: str):
+  """A tensorboardX SummaryWriter, imported without torch: tensorboardX imports torch (seconds of start-up
+  on every run, every host) only to accept torch tensors, and we log Python floats."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` now raises ImportError, which tensorboardX expects.
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return tensorboardX.SummaryWriter(logdir)
 
 
 class MetricsLog:
@@ -27,7 +41,7 @@ class MetricsLog:
   def __init__(self, workdir: str, resume_step: int, enabled: bool):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
-    self.events = tensorboardX.SummaryWriter(workdir) if enabled else None
+    self.events = summary_writer(workdir) if enabled else None
     self.rows = []
     if os.path.exists(self.path):
       with open(self.path) as f:
