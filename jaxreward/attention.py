@@ -1,19 +1,27 @@
 """Causal self-attention with grouped-query heads and per-token segment ids, one entry point for every kernel.
 
-`attend(q, k, v, segments, implementation)` is what the model calls. Rows are either unpacked (one sequence
-per row, right-padded: `segments_BxL=None`, the causal rule alone keeps padding out of every real token) or
-packed (several sequences per row: a token sees only earlier tokens of its own segment; padding is segment 0
-and sees only padding, so no softmax row is empty). Implementations:
+`attend(q, k, v, segments, implementation, branches)` is what the model calls. Rows are either unpacked (one
+sequence per row, right-padded: `segments_BxL=None`, the causal rule alone keeps padding out of every real token)
+or packed (several sequences per row: a token sees only earlier tokens of its own segment; padding is segment 0
+and sees only padding, so no softmax row is empty). Shared-prompt rows add `branches_BxL`: a prompt's tokens are
+branch 0 and the tokens of its k-th response branch k, so key j is visible to query i iff j <= i, the segments
+are equal, and branches[j] is 0 or branches[i] (a response sees its prompt and itself, never a sibling).
+Segment ids and branches are integers in [0, L]. Implementations:
 
   xla        jax.nn.dot_product_attention with a dense [B, 1, L, L] mask: the reference. Its fp32 logits are
              [B, N, L, L], which is what runs out of memory at long rows.
   cudnn      the same public call with implementation="cudnn" (NVIDIA, bf16); segments go in as the dense mask.
   splash     Pallas TPU splash attention (SegmentIds + a causal mask) in a shard_map over the batch and head
-             axes; on any other backend it runs in Pallas interpret mode (slow: for tests only).
+             axes; on any other backend it runs in Pallas interpret mode (slow: for tests only). Its masks are
+             equality of ids, which cannot say "the prompt is seen by every branch": shared-prompt rows take two
+             kernel calls (each branch and each prompt with itself; responses against their prompt) merged by
+             their log-sum-exps, with one backward pass per call from the merged output and log-sum-exp.
   blockwise  pure-JAX flash attention with its own backward pass: an online softmax over key blocks that
              keeps only [B, N, block, block] logits at a time and never visits a key block that no query of
-             the query block can see (later blocks by the causal rule, earlier segments by the segment rule).
-  auto       cudnn on NVIDIA GPUs (bf16, unpacked rows; xla otherwise), splash on TPU, blockwise elsewhere.
+             the query block can see (later blocks by the causal rule, earlier segments by the segment rule,
+             with branches also blocks that hold only siblings' tokens).
+  auto       cudnn on NVIDIA GPUs (bf16, unpacked rows without branches; xla otherwise), splash on TPU,
+             blockwise elsewhere.
 
 Letters: B batch rows, L length, N query heads, K key/value heads, G = N / K query heads per key/value head,
 H head width, Q/S query/key positions within a block, C number of blocks.
@@ -51,26 +59,31 @@ def resolve(implementation: str, dtype, packed: bool, platform: str | None = Non
     return implementation
   platform = platform or jax.default_backend()
   if platform in ("gpu", "cuda"):
-    # cuDNN needs bf16, and its packed (segment-masked) path has not been checked on a GPU yet.
+    # cuDNN needs bf16, and its masked path (packed or shared-prompt rows) has not been checked on a GPU yet.
     return "cudnn" if jnp.dtype(dtype) == jnp.bfloat16 and not packed else "xla"
   if platform == "tpu":
     return "splash"
   return "blockwise"
 
 
-def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: str = "auto"):
+def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: str = "auto", branches_BxL=None):
   """Causal attention, scaled by 1/sqrt(H); k/v heads are shared by N/K consecutive query heads (as HF's
   repeat_kv). Returns [B, L, N, H] in q's dtype."""
-  kind = resolve(implementation, q_BxLxNxH.dtype, segments_BxL is not None)
+  # Branches need a mask beyond causality, as segments do: auto treats them as packed rows.
+  kind = resolve(implementation, q_BxLxNxH.dtype, segments_BxL is not None or branches_BxL is not None)
   if kind in ("xla", "cudnn"):
     mask_Bx1xLxL = None
     if segments_BxL is not None:
       mask_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
+    if branches_BxL is not None:
+      same_BxLxL = branches_BxL[:, :, None] == branches_BxL[:, None, :]
+      shared_Bx1xLxL = ((branches_BxL[:, None, :] == 0) | same_BxLxL)[:, None]
+      mask_Bx1xLxL = shared_Bx1xLxL if mask_Bx1xLxL is None else mask_Bx1xLxL & shared_Bx1xLxL
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=True,
                                         implementation=None if kind == "xla" else "cudnn")
   if kind == "splash":
-    return splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL)
-  return blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL)
+    return splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, branches_BxL)
+  return blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, branches_BxL=branches_BxL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,25 +91,32 @@ def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: s
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, block: int | None = None):
+def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, block: int | None = None,
+                        branches_BxL=None):
   b, l, n, h = q_BxLxNxH.shape
   if block is None:
-    block = LONG_UNPACKED_BLOCK if segments_BxL is None and l > LONG_UNPACKED else BLOCK
+    unpacked = segments_BxL is None and branches_BxL is None
+    block = LONG_UNPACKED_BLOCK if unpacked and l > LONG_UNPACKED else BLOCK
   kv = k_BxLxKxH.shape[2]
   block = min(block, -(-l // 8) * 8)
   padded = -(-l // block) * block
   # jnp: a host (numpy) array cannot be indexed by the kernel loops' traced block index.
   segments_BxL = jnp.zeros((b, l), jnp.int32) if segments_BxL is None else jnp.asarray(segments_BxL, jnp.int32)
+  if branches_BxL is not None:
+    branches_BxL = jnp.asarray(branches_BxL, jnp.int32)
   if padded != l:
     # Keys past the end come after every real query, so the causal rule hides them; their queries are dropped.
     pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
     q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (jnp.pad(x, pad) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH))
     segments_BxL = jnp.pad(segments_BxL, ((0, 0), (0, padded - l)))
+    if branches_BxL is not None:
+      branches_BxL = jnp.pad(branches_BxL, ((0, 0), (0, padded - l)))
   c = padded // block
   q_BxCxQxKxGxH = q_BxLxNxH.reshape(b, c, block, kv, n // kv, h)
   k_BxCxSxKxH = k_BxLxKxH.reshape(b, c, block, kv, h)
   v_BxCxSxKxH = v_BxLxKxH.reshape(b, c, block, kv, h)
-  out = _flash(q_BxCxQxKxGxH, k_BxCxSxKxH, v_BxCxSxKxH, segments_BxL.reshape(b, c, block))
+  br_BxCxQ = None if branches_BxL is None else branches_BxL.reshape(b, c, block)
+  out = _flash(q_BxCxQxKxGxH, k_BxCxSxKxH, v_BxCxSxKxH, segments_BxL.reshape(b, c, block), br_BxCxQ)
   return out.reshape(b, padded, n, h)[:, :l]
 
 
@@ -111,16 +131,31 @@ def _first_visible_block(seg_BxCxQ):
   return jnp.min(start_BxL.reshape(b, c, q), axis=(0, 2)) // q  # [C]
 
 
-def _block_logits(q_BxQxKxGxH, k_BxSxKxH, seg_q_BxQ, seg_k_BxS, i, j, scale):
-  """Scaled fp32 logits of query block i against key block j, and the causal + segment mask."""
-  s_BxKxGxQxS = jnp.einsum("bqkgh,bskh->bkgqs", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
-  size = q_BxQxKxGxH.shape[1]
+def _block_visible(seg, br, i, j):
+  """The causal + segment (+ branch) mask [B, 1, 1, Q, S] of query block i against key block j."""
+  size = seg.shape[2]
   causal_QxS = (i * size + jnp.arange(size))[:, None] >= (j * size + jnp.arange(size))[None, :]
-  visible_BxQxS = causal_QxS[None] & (seg_q_BxQ[:, :, None] == seg_k_BxS[:, None, :])
-  return s_BxKxGxQxS, visible_BxQxS[:, None, None]
+  visible_BxQxS = causal_QxS[None] & (seg[:, i, :, None] == seg[:, j, None, :])
+  if br is not None:
+    visible_BxQxS &= (br[:, j, None, :] == 0) | (br[:, i, :, None] == br[:, j, None, :])
+  return visible_BxQxS[:, None, None]
 
 
-def _forward(q, k, v, seg):
+def _block_logits(q_BxQxKxGxH, k_BxSxKxH, scale):
+  """Scaled fp32 logits [B, K, G, Q, S] of a query block against a key block."""
+  return jnp.einsum("bqkgh,bskh->bkgqs", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+
+
+def _unless_hidden(br, visible, compute, skipped, operand):
+  """compute(operand), or skipped(operand) when branches are given and no query sees any key of the block (in
+  no row): the key blocks of sibling responses. Without branches the range of blocks already is exact enough
+  and the branch-free program stays as it was."""
+  if br is None:
+    return compute(operand)
+  return jax.lax.cond(jnp.any(visible), compute, skipped, operand)
+
+
+def _forward(q, k, v, seg, br):
   """Output [B, C, Q, K, G, H] and log-sum-exp [B, C, K, G, Q] of the online softmax."""
   b, c, size, kv, g, h = q.shape
   scale = 1.0 / math.sqrt(h)
@@ -128,17 +163,22 @@ def _forward(q, k, v, seg):
 
   def query_block(i, carry):
     out, lse = carry
-    q_i, seg_i = q[:, i], seg[:, i]
+    q_i = q[:, i]
 
     def key_block(j, state):
-      m, total, acc = state
-      s, visible = _block_logits(q_i, k[:, j], seg_i, seg[:, j], i, j, scale)
-      m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
-      p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-      correction = jnp.exp(m - m_new)
-      acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v[:, j],
-                                                     preferred_element_type=jnp.float32)
-      return m_new, total * correction + jnp.sum(p, axis=-1), acc
+      visible = _block_visible(seg, br, i, j)
+
+      def update(state):
+        m, total, acc = state
+        s = _block_logits(q_i, k[:, j], scale)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v[:, j],
+                                                       preferred_element_type=jnp.float32)
+        return m_new, total * correction + jnp.sum(p, axis=-1), acc
+
+      return _unless_hidden(br, visible, update, lambda state: state, state)
 
     init = (jnp.full((b, kv, g, size), _NEG, jnp.float32), jnp.zeros((b, kv, g, size), jnp.float32),
             jnp.zeros((b, kv, g, size, h), jnp.float32))
@@ -151,18 +191,18 @@ def _forward(q, k, v, seg):
 
 
 @jax.custom_vjp
-def _flash(q, k, v, seg):
-  return _forward(q, k, v, seg)[0]
+def _flash(q, k, v, seg, br):
+  return _forward(q, k, v, seg, br)[0]
 
 
-def _flash_fwd(q, k, v, seg):
-  out, lse = _forward(q, k, v, seg)
-  return out, (q, k, v, seg, out, lse)
+def _flash_fwd(q, k, v, seg, br):
+  out, lse = _forward(q, k, v, seg, br)
+  return out, (q, k, v, seg, br, out, lse)
 
 
 def _flash_bwd(residuals, d_out):
   """Recomputes each visited block's probabilities from the saved log-sum-exp (as FlashAttention-2 does)."""
-  q, k, v, seg, out, lse = residuals
+  q, k, v, seg, br, out, lse = residuals
   b, c, size, kv, g, h = q.shape
   scale = 1.0 / math.sqrt(h)
   first_C = _first_visible_block(seg)
@@ -171,19 +211,28 @@ def _flash_bwd(residuals, d_out):
 
   def query_block(i, carry):
     dq, dk, dv = carry
-    q_i, seg_i, do_i = q[:, i], seg[:, i], d_out[:, i]
+    q_i, do_i = q[:, i], d_out[:, i]
     lse_i, delta_i = lse[:, i], delta_BxCxKxGxQ[:, i]
 
     def key_block(j, state):
       dq_i, dk, dv = state
-      s, visible = _block_logits(q_i, k[:, j], seg_i, seg[:, j], i, j, scale)
-      p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
-      dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v[:, j], preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-      dq_i = dq_i + jnp.einsum("bkgqs,bskh->bqkgh", ds, k[:, j], preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32)
-      return dq_i, dk.at[:, j].add(dk_j), dv.at[:, j].add(dv_j)
+      visible = _block_visible(seg, br, i, j)
+
+      def grads(j):
+        s = _block_logits(q_i, k[:, j], scale)
+        p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+        dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v[:, j], preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+        dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds, k[:, j], preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32)
+        return dq_i, dk_j, dv_j
+
+      # Only the block-sized terms go through the branch: the whole-row dk/dv stay out of the conditional.
+      zeros = lambda j: (jnp.zeros(q_i.shape, jnp.float32), jnp.zeros(k.shape[:1] + k.shape[2:], jnp.float32),
+                         jnp.zeros(v.shape[:1] + v.shape[2:], jnp.float32))
+      dq_ij, dk_j, dv_j = _unless_hidden(br, visible, grads, zeros, j)
+      return dq_i + dq_ij, dk.at[:, j].add(dk_j), dv.at[:, j].add(dv_j)
 
     dq_i = jnp.zeros(q_i.shape, jnp.float32)
     dq_i, dk, dv = jax.lax.fori_loop(first_C[i], i + 1, key_block, (dq_i, dk, dv))
@@ -191,7 +240,7 @@ def _flash_bwd(residuals, d_out):
 
   init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dq, dk, dv = jax.lax.fori_loop(0, c, query_block, init)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -220,7 +269,64 @@ def _mesh_axes(mesh, logical: str, default: tuple, size: int) -> tuple:
   return tuple(axes)
 
 
-def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None):
+def _splash_kernel(length: int, heads: int, save_residuals: bool = False):
+  return splash.make_splash_mha(
+      splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads),
+      block_sizes=splash.BlockSizes(**{name: _SPLASH_BLOCK for name in _SPLASH_BLOCK_NAMES}),
+      head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu", save_residuals=save_residuals)
+
+
+def _shared_prompt_forward(q_NxLxH, k_KxLxH, v_KxLxH, own_L, asks_L, offers_L):
+  """One row's output and log-sum-exp [N, L] over the union of two disjoint key sets: call 1 lets each token see
+  its own (segment, branch), call 2 lets response tokens (`asks`) see the prompt tokens (`offers`) of their
+  segment. A prompt token asks for nothing in call 2; the kernel then gives that row's log-sum-exp ~ its mask
+  value (-0.7 · fp32 max), which weighs it out of the merge."""
+  kernel = _splash_kernel(q_NxLxH.shape[1], q_NxLxH.shape[0], save_residuals=True)
+  o1, (lse1_NxL,) = kernel(q_NxLxH, k_KxLxH, v_KxLxH, segment_ids=splash.SegmentIds(q=own_L, kv=own_L))
+  o2, (lse2_NxL,) = kernel(q_NxLxH, k_KxLxH, v_KxLxH, segment_ids=splash.SegmentIds(q=asks_L, kv=offers_L))
+  sees_prompt_NxL = lse2_NxL > 0.5 * _NEG
+  lse_NxL = jnp.where(sees_prompt_NxL, jnp.logaddexp(lse1_NxL, lse2_NxL), lse1_NxL)
+  w1_NxL = jnp.exp(lse1_NxL - lse_NxL)
+  w2_NxL = jnp.where(sees_prompt_NxL, jnp.exp(lse2_NxL - lse_NxL), 0.0)
+  out = w1_NxL[..., None] * o1.astype(jnp.float32) + w2_NxL[..., None] * o2.astype(jnp.float32)
+  return out.astype(q_NxLxH.dtype), lse_NxL
+
+
+@jax.custom_vjp
+def _splash_shared_prompt(q_NxLxH, k_KxLxH, v_KxLxH, own_L, asks_L, offers_L):
+  return _shared_prompt_forward(q_NxLxH, k_KxLxH, v_KxLxH, own_L, asks_L, offers_L)[0]
+
+
+def _splash_shared_prompt_fwd(q, k, v, own, asks, offers):
+  out, lse = _shared_prompt_forward(q, k, v, own, asks, offers)
+  return out, (q, k, v, own, asks, offers, out, lse)
+
+
+def _splash_shared_prompt_bwd(residuals, d_out):
+  """The merged softmax's gradient is the sum over the two key sets of the kernel's own backward pass run with
+  the merged output and log-sum-exp (its probabilities exp(s - lse) are then the merged ones, and its
+  rowsum(dO·O) term the merged one), as ring attention combines its blocks. The kernel's custom VJP saves only
+  its own output and log-sum-exp, so the backward function is called directly (splash_attention_kernel's
+  `_splash_attention_bwd`, jax 0.10.2)."""
+  q, k, v, own, asks, offers, out, lse = residuals
+  kernel = _splash_kernel(q.shape[1], q.shape[0])
+  kw = kernel.kwargs
+  collapse = lambda info: info._replace(partial_mask_blocks=info.partial_mask_blocks.reshape(
+      -1, *info.partial_mask_blocks.shape[-2:])) if info.partial_mask_blocks is not None else info
+  grads = []
+  for ids in (splash.SegmentIds(q=own, kv=own), splash.SegmentIds(q=asks, kv=offers)):
+    res = (q, k, v, ids, None, out, lse, collapse(kernel.dq_mask_info), collapse(kernel.dkv_mask_info))
+    grads.append(splash._splash_attention_bwd(  # pylint: disable=protected-access
+        False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
+        kw["attn_logits_soft_cap"], kw["interpret"], res, d_out)[3:6])
+  (dq1, dk1, dv1), (dq2, dk2, dv2) = grads
+  return dq1 + dq2, dk1 + dk2, dv1 + dv2, None, None, None
+
+
+_splash_shared_prompt.defvjp(_splash_shared_prompt_fwd, _splash_shared_prompt_bwd)
+
+
+def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, branches_BxL=None):
   b, l, n, h = q_BxLxNxH.shape
   kv = k_BxLxKxH.shape[2]
   padded = -(-l // _SPLASH_BLOCK) * _SPLASH_BLOCK
@@ -229,33 +335,41 @@ def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None):
   q_BxNxLxH = jnp.pad(q_BxLxNxH * jnp.asarray(1.0 / math.sqrt(h), q_BxLxNxH.dtype), pad).transpose(0, 2, 1, 3)
   k_BxKxLxH = jnp.pad(k_BxLxKxH, pad).transpose(0, 2, 1, 3)
   v_BxKxLxH = jnp.pad(v_BxLxKxH, pad).transpose(0, 2, 1, 3)
-  packed = segments_BxL is not None
   # Padded tail keys come after every real query (causal) or sit in segment 0 beside padding only.
-  seg_BxL = jnp.pad(segments_BxL.astype(jnp.int32), ((0, 0), (0, padded - l))) if packed else None
-  interpret = jax.default_backend() != "tpu"
+  pad_ids = lambda ids_BxL: jnp.pad(jnp.asarray(ids_BxL, jnp.int32), ((0, 0), (0, padded - l)))
+  if branches_BxL is None:
+    ids = () if segments_BxL is None else (pad_ids(segments_BxL),)
+  else:
+    if (padded + 1) ** 2 >= 2 ** 31:
+      raise ValueError(f"splash attention with branches encodes (segment, branch) in int32: rows of {l} tokens "
+                       f"are too long (at most 46,000)")
+    seg_BxL = pad_ids(jnp.zeros((b, l), jnp.int32) if segments_BxL is None else segments_BxL)
+    br_BxL = pad_ids(branches_BxL)
+    # Ids of the two calls (_shared_prompt_forward); -1 and -2 match no segment id and not each other.
+    own_BxL = seg_BxL * (padded + 1) + br_BxL
+    asks_BxL = jnp.where(br_BxL == 0, -1, seg_BxL)
+    offers_BxL = jnp.where(br_BxL == 0, seg_BxL, -2)
+    ids = (own_BxL, asks_BxL, offers_BxL)
 
-  def local(q, k, v, seg):
-    heads = q.shape[1]
-    kernel = splash.make_splash_mha(
-        splash_mask.MultiHeadMask([splash_mask.CausalMask((padded, padded))] * heads),
-        block_sizes=splash.BlockSizes(**{name: _SPLASH_BLOCK for name in _SPLASH_BLOCK_NAMES}),
-        head_shards=1, q_seq_shards=1, interpret=interpret)
-    if seg is None:
+  def local(q, k, v, *ids):
+    if len(ids) == 3:
+      return jax.vmap(_splash_shared_prompt)(q, k, v, *ids)
+    kernel = _splash_kernel(padded, q.shape[1])
+    if not ids:
       return jax.vmap(kernel)(q, k, v)
-    return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(q, k, v, seg)
+    return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(q, k, v,
+                                                                                                           *ids)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     mesh = jax.typeof(q_BxLxNxH).sharding.mesh
   if mesh.empty or mesh.size == 1:
-    out_BxNxLxH = local(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, seg_BxL)
+    out_BxNxLxH = local(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, *ids)
   else:
     # A Pallas call is not auto-partitioned: each device runs the kernel on its own rows and heads.
     batch = _mesh_axes(mesh, "batch", ("data", "fsdp"), b) or None
     heads = _mesh_axes(mesh, "heads", ("tensor",), math.gcd(n, kv)) or None
     spec = PartitionSpec(batch, heads)
-    seg_spec = PartitionSpec(batch) if packed else None
-    out_BxNxLxH = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
-                                check_vma=False)(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, seg_BxL)
+    out_BxNxLxH = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec) + (PartitionSpec(batch),) * len(ids),
+                                out_specs=spec, check_vma=False)(q_BxNxLxH, k_BxKxLxH, v_BxKxLxH, *ids)
   return out_BxNxLxH.transpose(0, 2, 1, 3)[:, :l]
-

@@ -34,26 +34,47 @@ def random_segments(rng, rows: int, length: int, packed: bool):
   return jnp.asarray(seg)
 
 
+def random_shared_prompts(rng, rows: int, length: int, packed: bool):
+  """Shared-prompt rows (segments, branches): each group is a prompt (branch 0) then 1-3 responses (branches
+  1, 2, ...), the first row's first group with three; packed rows hold groups until the last eighth, unpacked
+  rows one group (segments None). The rest of the row is padding: segment 0, branch 0."""
+  seg = np.zeros((rows, length), np.int32)
+  br = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    pos, sid = 0, 1
+    while pos < length - length // 8 and (packed or sid == 1):
+      n = int(rng.integers(2, length // 6))
+      seg[r, pos:pos + n] = sid
+      pos += n
+      for branch in range(1, (3 if r == sid == 1 else int(rng.integers(1, 4))) + 1):
+        n = int(rng.integers(1, length // 6))
+        seg[r, pos:pos + n], br[r, pos:pos + n] = sid, branch
+        pos += n
+      sid += 1
+  return (jnp.asarray(seg[:, :length]) if packed else None), jnp.asarray(br[:, :length])
+
+
 def qkv(rng, rows, length, heads, kv_heads, head_dim, dtype=jnp.float32):
   return tuple(jnp.asarray(rng.normal(size=(rows, length, n, head_dim)) * 0.5, dtype)
                for n in (heads, kv_heads, kv_heads))
 
 
-def value_and_grads(fn, q, k, v, segments):
+def value_and_grads(fn, q, k, v, segments, branches=None):
   # A random projection of the output as the loss, so every output element contributes a distinct gradient.
   w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
-  loss = lambda q, k, v: jnp.sum(fn(q, k, v, segments).astype(jnp.float32) * w)
-  out = jax.jit(lambda q, k, v: fn(q, k, v, segments))(q, k, v)
-  return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  call = (lambda q, k, v: fn(q, k, v, segments)) if branches is None else (lambda q, k, v: fn(q, k, v, segments,
+                                                                                                 branches))
+  loss = lambda q, k, v: jnp.sum(call(q, k, v).astype(jnp.float32) * w)
+  return jax.jit(call)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-def reference(q, k, v, segments):
-  return attention.attend(q, k, v, segments, "xla")
+def reference(q, k, v, segments, branches=None):
+  return attention.attend(q, k, v, segments, "xla", branches)
 
 
-def assert_equal_to_reference(fn, q, k, v, segments, tol=TOL):
-  out, grads = value_and_grads(fn, q, k, v, segments)
-  want_out, want_grads = value_and_grads(reference, q, k, v, segments)
+def assert_equal_to_reference(fn, q, k, v, segments, tol=TOL, branches=None):
+  out, grads = value_and_grads(fn, q, k, v, segments, branches)
+  want_out, want_grads = value_and_grads(reference, q, k, v, segments, branches)
   np.testing.assert_allclose(out, want_out, atol=tol, rtol=tol)
   for name, got, want in zip("qkv", grads, want_grads):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=f"d{name}")
@@ -69,6 +90,47 @@ def test_blockwise_equals_reference(length, block, packed):
   assert_equal_to_reference(fn, q, k, v, segments)
 
 
+def test_blockwise_with_branches_equals_reference():
+  """Shared-prompt rows over several blocks (some holding only a sibling's tokens, skipped), ragged last block.
+  (Unpacked shared-prompt rows are the one-segment case of these.)"""
+  rng = np.random.default_rng(101)
+  q, k, v = qkv(rng, 2, 100, 4, 2, 8)
+  segments, branches = random_shared_prompts(rng, 2, 100, True)
+  fn = lambda q, k, v, s, b: attention.blockwise_attention(q, k, v, s, block=16, branches_BxL=b)
+  assert_equal_to_reference(fn, q, k, v, segments, branches=branches)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the TPU kernel's interpret-mode numerics are checked on CPU")
+def test_splash_with_branches_equals_reference_in_interpret_mode():
+  """Two kernel calls merged by log-sum-exp, and their backward passes from the merged residuals; 150 tokens
+  pad to two 128-token blocks, and prompt rows have no key in the second call."""
+  rng = np.random.default_rng(11)
+  q, k, v = qkv(rng, 2, 150, 4, 2, 16)
+  segments, branches = random_shared_prompts(rng, 2, 150, True)
+  fn = lambda q, k, v, s, b: attention.attend(q, k, v, s, "splash", b)
+  assert_equal_to_reference(fn, q, k, v, segments, branches=branches)
+
+
+def test_shared_prompt_response_equals_prompt_and_response_alone():
+  """The reference's mask (which every kernel is held to): in a row [prompt, response 1, response 2, response 3,
+  padding] each response's outputs equal those of the row [prompt, that response] computed alone (causal only),
+  and the prompt's are the prompt's alone; the same row without branches differs (so the check can fail)."""
+  rng = np.random.default_rng(12)
+  spans = [(0, 9, 0), (9, 16, 1), (16, 20, 2), (20, 29, 3)]
+  q, k, v = qkv(rng, 1, 32, 4, 2, 8)
+  branches = np.zeros((1, 32), np.int32)
+  for start, end, branch in spans:
+    branches[0, start:end] = branch
+  shared = attention.attend(q, k, v, None, "xla", jnp.asarray(branches))
+  for start, end, branch in spans:
+    alone_rows = np.r_[0:9, start:end] if branch else np.r_[0:9]
+    take = lambda x: x[:, alone_rows]
+    alone = attention.attend(take(q), take(k), take(v), None, "xla")
+    np.testing.assert_allclose(shared[:, start:end], alone[:, -(end - start):], atol=TOL, rtol=TOL)
+  plain = attention.attend(q, k, v, None, "xla")
+  assert float(jnp.max(jnp.abs(plain[:, 16:29] - shared[:, 16:29]))) > 1e-2
+
+
 @pytest.mark.skipif(ON_GPU, reason="the TPU kernel's interpret-mode numerics are checked on CPU")
 @pytest.mark.parametrize("packed", [False, True])
 def test_splash_equals_reference_in_interpret_mode(packed):
@@ -81,17 +143,21 @@ def test_splash_equals_reference_in_interpret_mode(packed):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu" or len(jax.devices()) < 4, reason="runs on 4 fake CPU devices")
-def test_splash_in_shard_map_equals_reference():
+@pytest.mark.parametrize("shared_prompts", [False, True])
+def test_splash_in_shard_map_equals_reference(shared_prompts):
   """Batch and heads split over a (data=2, tensor=2) mesh: each device runs the kernel on its own shard."""
   mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=jax.devices()[:4])
   rng = np.random.default_rng(4)
   q, k, v = qkv(rng, 2, 128, 4, 2, 8)
-  segments = random_segments(rng, 2, 128, True)
-  on_mesh = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "splash")
-  out, grads = value_and_grads(fn, *(on_mesh(x) for x in (q, k, v, segments)))
-  want_out, want_grads = value_and_grads(reference, q, k, v, segments)
+  if shared_prompts:
+    segments, branches = random_shared_prompts(rng, 2, 128, True)
+  else:
+    segments, branches = random_segments(rng, 2, 128, True), None
+  on_mesh = lambda x: x if x is None else jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+  fn = lambda q, k, v, s, b=None: attention.attend(q, k, v, s, "splash", b)
+  out, grads = value_and_grads(fn, *(on_mesh(x) for x in (q, k, v, segments, branches)))
+  want_out, want_grads = value_and_grads(reference, q, k, v, segments, branches)
   np.testing.assert_allclose(out, want_out, atol=TOL, rtol=TOL)
   for got, want in zip(grads, want_grads):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
@@ -109,6 +175,17 @@ def test_blockwise_skips_blocks_no_query_sees():
   # A segment id reused after a gap is still found at its first position (no contiguity assumed).
   gap = np.concatenate([np.full(16, 1), np.full(32, 2), np.full(16, 1)]).astype(np.int32)[None]
   np.testing.assert_array_equal(attention._first_visible_block(jnp.asarray(gap).reshape(1, 4, 16)), [0, 1, 1, 0])
+
+
+def test_xla_branches_without_segments_is_the_branch_rule():
+  """The dense mask of an unpacked shared-prompt row: branch rule and causality only (no segment term)."""
+  rng = np.random.default_rng(13)
+  q, k, v = qkv(rng, 1, 6, 2, 1, 4)
+  branches = jnp.asarray([[0, 0, 1, 1, 2, 2]], jnp.int32)
+  mask = np.tril(np.ones((6, 6), bool))
+  mask[4:, 2:4] = False  # branch 2 never sees branch 1
+  want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
+  np.testing.assert_allclose(attention.attend(q, k, v, None, "xla", branches), want, atol=TOL, rtol=TOL)
 
 
 def test_blockwise_bfloat16_stays_close():
@@ -129,6 +206,18 @@ def test_auto_resolves_per_platform():
   assert attention.resolve("xla", jnp.float32, packed=True, platform="tpu") == "xla"
   with pytest.raises(ValueError, match="expected one of"):
     attention.resolve("flash", jnp.float32, packed=False)
+
+
+def test_auto_treats_shared_prompt_rows_as_packed(monkeypatch):
+  """Branches need a mask as segments do, so auto never picks cuDNN for them (its masked path is unverified)."""
+  asked = []
+  resolve = attention.resolve
+  monkeypatch.setattr(attention, "resolve", lambda *a, **kw: asked.append(a) or resolve(*a, **kw))
+  q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
+  jax.eval_shape(lambda q: attention.attend(q, q, q, None, "auto", jnp.zeros((1, 8), jnp.int32)), q)
+  jax.eval_shape(lambda q: attention.attend(q, q, q, None, "auto"), q)
+  assert [packed for _, _, packed in asked] == [True, False]
+  assert attention.resolve("auto", jnp.bfloat16, True, platform="gpu") == "xla"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU")
