@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import re
 import sys
 
@@ -19,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
+from jaxreward import optimizer
 from jaxreward.configuration import ConfigError
 
 BEST_METRIC = "val_accuracy"
@@ -146,9 +148,17 @@ class Checkpointer:
         state = restored["state"]
       else:
         optimizer = {k: v for k, v in abstract.items() if k != "params"}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
-            data=ocp.args.JsonRestore()))
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(abstract["params"]), optimizer=ocp.args.StandardRestore(optimizer),
+              data=ocp.args.JsonRestore()))
+        except Exception as first:  # pylint: disable=broad-except  (re-raised unless it is the one known difference)
+          try:
+            restored = self._restore_with_frozen_moments(step, abstract["params"], optimizer)
+          except Exception:  # pylint: disable=broad-except  (a damaged step: the first error says what)
+            restored = None
+          if restored is None:
+            raise first
         state = dict(restored["optimizer"], params=restored["params"])
     except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
       raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
@@ -169,6 +179,26 @@ class Checkpointer:
       return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways)
       raise CheckpointError(f"{self.directory}/{step}: unreadable ({_one_line(e)})") from None
+
+  def _restore_with_frozen_moments(self, step: int, abstract_params, abstract_optimizer) -> dict | None:
+    """A step saved before the untied LM head was frozen holds Adam moments for it (optimizer.FROZEN) that the
+    target no longer has: the items restored without them, or None if the saved optimizer differs otherwise.
+    Read by a handler of its own (a partial restore), so the manager keeps saving as it did."""
+    path = pathlib.Path(self.directory) / str(step) / "optimizer"
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      saved = jax.tree_util.tree_flatten_with_path(handler.metadata(path).tree)[0]
+      frozen = [p for p, _ in saved if any(name in jax.tree_util.keystr(p) for name in optimizer.FROZEN)]
+      if not frozen or len(saved) != len(jax.tree.leaves(abstract_optimizer)) + len(frozen):
+        return None
+      restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract_optimizer, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_optimizer),
+          partial_restore=True))
+    finally:
+      handler.close()
+    rest = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
+                                                              data=ocp.args.JsonRestore()))
+    return {"params": rest["params"], "optimizer": restored, "data": rest["data"]}
 
   def _single_item(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), "state"))

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from flax import nnx
 
-from jaxreward import attention, model as model_lib, sharding
+from jaxreward import attention, model as model_lib, optimizer, sharding
 
 GiB = 1 << 30
 # Per-chip memory. XLA needs room for its own buffers and fragmentation, so a run "fits" when the estimate
@@ -100,9 +100,13 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
   num_params = sum(math.prod(shape) for _, _, shape, _ in rows)
   param_bytes = sum(math.prod(shard_shape(shape, axes, mesh_shape, rules)) * dt.itemsize
                     for _, axes, shape, dt in rows)
-  # optax.adamw keeps mu and nu in the parameters' dtype and shardings; gradients match the parameters too.
-  adam_bytes = 2 * param_bytes
-  accumulator = param_bytes if grad_accum_steps > 1 else 0
+  # optax.adamw keeps mu and nu in the parameters' dtype and shardings; gradients match the parameters too,
+  # for the trained ones only (an untied model's LM head is not: optimizer.FROZEN).
+  trained = [row for row in rows if optimizer.is_trained(tuple(row[0].split(".")))]
+  trained_bytes = sum(math.prod(shard_shape(shape, axes, mesh_shape, rules)) * dt.itemsize
+                      for _, axes, shape, dt in trained)
+  adam_bytes = 2 * trained_bytes
+  accumulator = trained_bytes if grad_accum_steps > 1 else 0
 
   batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
   local_sequences = 2 * -(-batch_size // (batch_ways * grad_accum_steps))
@@ -127,12 +131,13 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
     gathered = 2 * block_params_per_device * np.dtype(cfg.dtype).itemsize
 
   result = {
-      "parameters": param_bytes, "gradients": param_bytes, "adam_state": adam_bytes,
+      "parameters": param_bytes, "gradients": trained_bytes, "adam_state": adam_bytes,
       "grad_accumulator": accumulator, "activations": int(activations), "gathered_weights": int(gathered),
   }
   result["total"] = sum(result[k] for k in STATE_KEYS + TRANSIENT_KEYS)
   result["info"] = {
-      "num_parameters": int(num_params), "mesh": mesh_shape, "devices": math.prod(mesh_shape.values()),
+      "num_parameters": int(num_params), "trained_parameters": sum(math.prod(shape) for _, _, shape, _ in trained),
+      "mesh": mesh_shape, "devices": math.prod(mesh_shape.values()),
       "batch_size": batch_size, "grad_accum_steps": grad_accum_steps, "local_sequences": local_sequences,
       "max_length": max_length, "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
       "attention": cfg.attention,
@@ -176,7 +181,7 @@ def render(est: dict) -> str:
       f"{'microbatch' if info['grad_accum_steps'] > 1 else 'step'}; compute {info['dtype']}, parameters "
       f"{info['param_dtype']}, remat {'on' if info['remat'] else 'off'}, attention {info['attention']}",
       f"  parameters        {gib(est['parameters'])}",
-      f"  gradients         {gib(est['gradients'])}",
+      f"  gradients         {gib(est['gradients'])}  ({info['trained_parameters'] / 1e9:.2f}B trained parameters)",
       f"  Adam state        {gib(est['adam_state'])}",
   ]
   if est["grad_accumulator"]:

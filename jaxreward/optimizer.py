@@ -1,9 +1,27 @@
-"""AdamW with warmup and cosine or linear decay, weight decay on matrices only, global-norm clipping."""
+"""AdamW with warmup and cosine or linear decay, weight decay on matrices only, global-norm clipping; which
+parameters it trains."""
 
 from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
+
+# An untied model's LM head (model.RewardModel.lm_head_DxV) is carried only so that an imported SFT checkpoint's
+# head is exported as it was imported; scoring never reads it. It is kept out of the differentiated parameters:
+# no gradient, no Adam moments, no weight decay (on Llama-3-8B dims 0.5B parameters, 5.9 GiB of fp32 state).
+FROZEN = ("lm_head_DxV",)
+_FROZEN_FILTER = nnx.Any(*(nnx.PathContains(name) for name in FROZEN))
+
+
+def is_trained(path: tuple) -> bool:
+  """Whether the parameter at `path` (a tuple of keys, as nnx.to_flat_state gives) is trained."""
+  return not any(str(key) in FROZEN for key in path)
+
+
+def split_trained(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(trained, frozen) parameters; nnx.merge_state(trained, frozen) is `params` again."""
+  return nnx.split_state(params, nnx.Not(_FROZEN_FILTER), ...)
 
 
 def learning_rate_schedule(train_cfg, total_steps: int) -> optax.Schedule:

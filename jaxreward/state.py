@@ -42,7 +42,8 @@ def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: i
   def init():
     model = model_lib.RewardModel(model_cfg, nnx.Rngs(seed))
     _, params = nnx.split(model, nnx.Param)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    trained, _ = optimizer.split_trained(params)  # Adam state for the trained parameters only.
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trained)}
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
     graphdef, abstract = abstract_params(model_cfg, seed)
@@ -50,7 +51,8 @@ def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: i
     abstract_state = jax.eval_shape(init)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Adam moments take their parameter's sharding; scalars (step, counts) are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params_shardings,
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"],
+                                          optimizer.split_trained(params_shardings)[0],
                                           transform_non_params=lambda _: replicated)
     state_shardings = {"step": replicated, "params": params_shardings, "opt_state": opt_shardings}
     state = jax.jit(init, out_shardings=state_shardings)()
@@ -71,26 +73,27 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
   A step whose loss or gradient is not finite leaves the state untouched (metrics report it).
   """
 
-  def sum_loss(params, micro):
-    sums = loss.batch_sums(*batch_rewards(nnx.merge(graphdef, params), micro), center_coef)
+  def sum_loss(params, frozen, micro):
+    sums = loss.batch_sums(*batch_rewards(nnx.merge(graphdef, params, frozen), micro), center_coef)
     return sums["loss"], sums
 
+  # Differentiates the trained parameters only (optimizer.split_trained): the frozen ones get no gradient.
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def train_step(state, batch):
-    params = state["params"]
+    params, frozen = optimizer.split_trained(state["params"])
     if grad_accum_steps == 1:
-      (_, sums), grads = grad_fn(params, batch)
+      (_, sums), grads = grad_fn(params, frozen, batch)
     else:
       # Groups i::A form microbatch i, so each device's groups split locally without moving data.
       micro_AxB = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def accumulate(carry, micro):
-        (_, sums), grads = grad_fn(params, micro)
+        (_, sums), grads = grad_fn(params, frozen, micro)
         return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-      (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_AxB))
+      (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro_AxB))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums_shape, grads_shape))
       (sums, grads), _ = jax.lax.scan(accumulate, zeros, micro_AxB)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
@@ -101,7 +104,7 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = dict(sums, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                    skipped=1.0 - finite.astype(jnp.float32))
-    return {"step": state["step"] + 1, "params": keep(new_params, params),
+    return {"step": state["step"] + 1, "params": nnx.merge_state(keep(new_params, params), frozen),
             "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
   return train_step

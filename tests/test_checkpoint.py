@@ -14,10 +14,11 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxreward import checkpoint, configuration, model as model_lib, sharding, state
+from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, state
 from jaxreward.configuration import ConfigError
 from tests.conftest import ROOT, load_config
 
@@ -208,6 +209,43 @@ def test_old_single_item_checkpoints_still_restore(trainer, tmp_path):
   assert_trees_equal(ckpt.restore_params(5, trainer.state["params"], lambda: trainer.state), saved["params"])
   with pytest.raises(ConfigError, match="old single-item checkpoint; load it with artifacts.load"):
     ckpt.restore_params(5, trainer.state["params"])
+  ckpt.close()
+
+
+def test_adam_moments_of_the_lm_head_from_before_it_was_frozen_are_dropped(tmp_path):
+  """An untied model's step saved when its LM head still had Adam moments (every parameter had) restores onto
+  today's state without them, through a fresh Checkpointer (a resumed run) that then saves and restores as
+  usual; a saved optimizer that differs in anything else stays an unreadable step."""
+  config = load_config("tiny")
+  config.mesh.data = 1
+  mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  cfg = model_lib.ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                              mlp_dim=32, tie_embeddings=False)
+  tx, _ = optimizer.make(config.train, 10)
+  _, target, _ = state.create_state(cfg, tx, mesh, rule_table, seed=0)
+  numbered = lambda tree: jax.tree.unflatten(jax.tree.structure(tree), [x + i for i, x in enumerate(jax.tree.leaves(
+      tree))])  # Each leaf its own value, so a restore that mixed leaves up would fail.
+  old = dict(bumped(target), opt_state=numbered(tx.init(target["params"])))
+  before = checkpoint.Checkpointer(str(tmp_path), keep_best=3)
+  before.save(2, old, {"next": 2}, {"val_accuracy": 0.5})
+  other = optax.chain(tx, optax.scale_by_schedule(lambda count: 1.0))  # One more leaf besides the LM head's.
+  before.save(4, dict(old, opt_state=other.init(target["params"])), {"next": 4}, {"val_accuracy": 0.5})
+  before.close()
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep_best=3)
+  restored, data_state = ckpt.restore(2, target)
+  assert data_state == {"next": 2}
+  assert_trees_equal(restored["params"], old["params"])
+  kept = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(old["opt_state"])[0]
+          if "lm_head_DxV" not in jax.tree_util.keystr(p)]
+  got = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(restored["opt_state"])[0]]
+  assert [p for p, _ in got] == [p for p, _ in kept] and len(kept) < len(jax.tree.leaves(old["opt_state"]))
+  assert_trees_equal([x for _, x in got], [x for _, x in kept])
+  ckpt.save(3, restored, {"next": 3}, {"val_accuracy": 0.6})
+  ckpt.wait()
+  assert_trees_equal(ckpt.restore(3, target)[0], restored)
+  with pytest.raises(checkpoint.CheckpointError, match="4: unreadable"):
+    ckpt.restore(4, target)
   ckpt.close()
 
 

@@ -266,8 +266,11 @@ def test_gguf_converter_matches_transformers_gguf_loading(tmp_path):
 
 
 def test_train_from_hf_folder_then_export(tmp_path, tok, tiny_config):
+  """An untied SFT model trains and exports; its unused LM head is not trained (no gradient, no Adam state,
+  no weight decay), so after training it is bit-identical to the imported one while the weights that score
+  have moved."""
   folder = tmp_path / "sft"
-  _save_tiny(folder, "Llama", tok, tie_word_embeddings=True)
+  _save_tiny(folder, "Llama", tok, tie_word_embeddings=False)
   config = tiny_config
   config.model.init_from = str(folder)
   config.train.num_steps = 4
@@ -292,3 +295,8 @@ def test_train_from_hf_folder_then_export(tmp_path, tok, tiny_config):
   with torch.no_grad():
     want = theirs(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
   np.testing.assert_allclose(np.asarray(_rewards(loaded.model, tokens, lengths)), want, atol=1e-4, rtol=0)
+  imported = hf._Safetensors(str(folder))  # pylint: disable=protected-access
+  trained = hf.hf_state_dict(loaded.model, with_lm_head=True)
+  np.testing.assert_array_equal(trained["lm_head.weight"], imported.get("lm_head.weight"))
+  assert not np.array_equal(trained["model.layers.0.mlp.up_proj.weight"],
+                            imported.get("model.layers.0.mlp.up_proj.weight"))

@@ -36,8 +36,13 @@ def test_state_bytes_equal_the_created_state(preset, sizes):
 def test_known_arithmetic():
   rules = sharding.rules(presets.apply(load_config("tiny"), "fsdp_tp").mesh)
   one = memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64)
-  assert one["parameters"] == 4 * CFG.num_parameters() and one["gradients"] == one["parameters"]
-  assert one["adam_state"] == 8 * CFG.num_parameters() and one["gathered_weights"] == 0
+  # CFG is untied: its LM head (D x V) has parameters but no gradient and no Adam moments.
+  trained = CFG.num_parameters() - CFG.hidden_size * CFG.vocab_size
+  assert one["parameters"] == 4 * CFG.num_parameters() and one["gradients"] == 4 * trained
+  assert one["adam_state"] == 8 * trained and one["gathered_weights"] == 0
+  tied = memory.estimate(model_lib.ModelConfig(**{**CFG.__dict__, "tie_embeddings": True}),
+                         {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64)
+  assert tied["gradients"] == tied["parameters"] == one["gradients"]
   assert memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64,
                          param_dtype="bfloat16")["parameters"] == 2 * CFG.num_parameters()
   # 2 x 2 batch shards: each device sees a quarter of 16 pairs, i.e. 8 sequences.
@@ -53,7 +58,7 @@ def test_known_arithmetic():
   scores = 32 * 64 * CFG.num_heads * 64 * (4 + 4)  # sequences x L query rows x heads x L keys x (fp32 logits+probs)
   assert one["activations"] - flash["activations"] == scores * (CFG.num_layers + 1)
   accum = memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64, grad_accum_steps=4)
-  assert accum["info"]["local_sequences"] == 8 and accum["grad_accumulator"] == one["parameters"]
+  assert accum["info"]["local_sequences"] == 8 and accum["grad_accumulator"] == one["gradients"]
 
 
 def test_fits():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxreward import model as model_lib, pipeline, presets, sharding, state
+from jaxreward import model as model_lib, optimizer, pipeline, presets, sharding, state
 from tests.conftest import load_config
 
 # Written out here rather than read from presets.py, so a wrong rules table there fails this test.
@@ -98,5 +98,6 @@ def test_preset_compiles_with_intended_shardings(config_name, preset, sizes, mes
   # Adam's moments follow their parameters (ZeRO: optimizer state is split exactly like the weights).
   adam = train_state["opt_state"][1][0]
   for moments in (adam.mu, adam.nu):
-    for (path, var), (_, moment) in zip(flat, nnx.to_flat_state(moments)):
-      assert moment[...].sharding.is_equivalent_to(var[...].sharding, var[...].ndim), path
+    trained = [(path, var) for path, var in flat if optimizer.is_trained(path)]  # No moments for a frozen LM head.
+    for (path, var), (moment_path, moment) in zip(trained, nnx.to_flat_state(moments), strict=True):
+      assert moment_path == path and moment[...].sharding.is_equivalent_to(var[...].sharding, var[...].ndim), path
