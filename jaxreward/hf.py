@@ -2,34 +2,31 @@
 
 transformers 5.x has no Flax classes, so the mapping between HF's safetensors names and our NNX
 parameters lives here. HF `nn.Linear` weights are [out, in]; our kernels are [in, out], hence the
-transposes. Only safetensors are read: pickle files (`*.bin`, `*.pt`) can execute code when loaded.
+transposes. Reading and writing the tensors themselves (per-host slices, per-tensor gathers, shards) is
+weights.py's job.
 
   model_config(folder, model_section) -> model.ModelConfig     (config.json -> our architecture)
-  load_params(folder, params) -> params                         (weights into the existing shardings)
+  load_params(folder, params) -> params                         (each host reads only its devices' slices)
+  write_weights(model, out_dir)                                 (gathered one tensor at a time)
   export(loaded_or_model, tokenizer, out_dir)                   (an HF folder that scores like we do)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 
-import jax
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from jaxreward import export as export_lib, model as model_lib, tokenizer as tokenizer_lib
+from jaxreward import export as export_lib, model as model_lib, tokenizer as tokenizer_lib, weights as weights_lib
 from jaxreward.configuration import ConfigError
 
 # model_type -> the prefix of its HF classes (`LlamaConfig`, `LlamaForSequenceClassification`, ...).
 _FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 _HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
 _ROPE_TYPES = ("default", "linear", "llama3")
-_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,100 +170,87 @@ def _config_of(params) -> model_lib.ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Safetensors:
-  """Lazy tensor reader over `model.safetensors` or an index of shards."""
-
-  def __init__(self, folder: str):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      self.where = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
-    elif os.path.isfile(single):
-      with safe_open(single, "numpy") as f:
-        self.where = {name: single for name in f.keys()}
-    else:
-      pickles = sorted({os.path.basename(p) for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(folder, pat))})
-      if pickles:
-        raise ConfigError(f"hf: {folder} holds only pickle weights ({', '.join(pickles)}); they can run code "
-                          "when loaded and are refused: convert them to safetensors first")
-      raise ConfigError(f"hf: {folder} has no model.safetensors or model.safetensors.index.json")
-    missing = sorted({p for p in self.where.values() if not os.path.isfile(p)})
-    if missing:
-      raise ConfigError(f"hf: shard {missing[0]} named in the index does not exist")
-    self._open = {}
-
-  def get(self, name: str) -> np.ndarray:
-    path = self.where[name]
-    if path not in self._open:
-      self._open[path] = safe_open(path, "numpy")
-    return self._open[path].get_tensor(name)
+def _hf_names(cfg: model_lib.ModelConfig, reader: weights_lib.Reader) -> dict:
+  """`name_map` with the 'model.' prefix as the file spells it (bare `LlamaModel` checkpoints have none)."""
+  prefix = "model." if any(n.startswith("model.") for n in reader.where) else ""
+  rename = lambda n: prefix + n[len("model."):] if n.startswith("model.") else n
+  return {ours: [(rename(n), t) for n, t in entry] if isinstance(entry, list) else (rename(entry[0]), entry[1])
+          for ours, entry in name_map(cfg).items()}
 
 
-def load_params(folder: str, params):
+def _entry_names(entry) -> list[str]:
+  return [n for n, _ in entry] if isinstance(entry, list) else [entry[0]]
+
+
+def load_params(folder: str, params, reader: weights_lib.Reader | None = None):
   """Returns `params` with every weight read from `folder`, each placed in its leaf's existing sharding.
 
-  Tensors are read one at a time and every device gets only its own slice, so no host or device ever
-  holds more than one full tensor. A checkpoint without `score.weight` (a causal LM) keeps the freshly
-  initialised reward head; a sequence-classification checkpoint (no `lm_head`) keeps the fresh,
-  unused LM head of an untied model.
+  Each process reads only the slices of each tensor that its own devices hold (once per slice), converted
+  to the parameter's dtype, so no host reads the whole checkpoint and no host or device holds more than
+  its share of a tensor. `reader` (a `weights.Reader` of `folder`) may be passed to read its `bytes_read`
+  afterwards. A checkpoint without `score.weight` (a causal LM) keeps the freshly initialised reward head;
+  a sequence-classification checkpoint (no `lm_head`) keeps the fresh, unused LM head of an untied model.
   """
-  reader = _Safetensors(folder)
+  reader = reader or weights_lib.Reader(folder)
   cfg = _config_of(params)
-  names = name_map(cfg)
-  # Bare `LlamaModel` checkpoints have no 'model.' prefix.
-  prefix = "model." if any(n.startswith("model.") for n in reader.where) else ""
-  hf_names = {ours: (prefix + n[len("model."):] if n.startswith("model.") else n, t)
-              for ours, (n, t) in names.items()}
+  hf_names = _hf_names(cfg, reader)
   optional = {"score.weight"}
   if "score.weight" in reader.where:
     optional.add("lm_head.weight")
-  missing = [n for n, _ in hf_names.values() if n not in reader.where and n not in optional]
+  expected = [n for entry in hf_names.values() for n in _entry_names(entry)]
+  missing = [n for n in expected if n not in reader.where and n not in optional]
   if missing:
     raise ConfigError(f"hf: {folder}: missing weight {missing[0]}" +
                       (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  expected = {n for n, _ in hf_names.values()}
   # A tied checkpoint may still carry the (duplicate) LM head; rotary buffers are recomputed.
   ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
   unexpected = [n for n in reader.where
-                if n not in expected and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
+                if n not in set(expected) and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
   if unexpected:
     raise ConfigError(f"hf: {folder}: unexpected weight {unexpected[0]} cannot be mapped" +
                       (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
   flat = []
   for path, var in nnx.to_flat_state(params):
-    name, transpose = hf_names[path]
-    if name not in reader.where:
+    entry = hf_names[path]
+    if any(n not in reader.where for n in _entry_names(entry)):  # An optional head the file lacks.
       flat.append((path, var))
       continue
-    host = reader.get(name)
-    host = host.T if transpose else host
-    old = var.get_value()
-    if host.shape != old.shape:
-      expect = old.shape[::-1] if transpose else old.shape
-      raise ConfigError(f"hf: {folder}: {name} has shape {list(host.shape[::-1] if transpose else host.shape)}; "
-                        f"the model expects {list(expect)}")
-    host = np.ascontiguousarray(host.astype(old.dtype))
-    new = jax.make_array_from_callback(old.shape, old.sharding, lambda index, h=host: h[index])
-    flat.append((path, var.replace(new)))
-    del host
+    flat.append((path, var.replace(weights_lib.load(reader, entry, var.get_value()))))
   return nnx.from_flat_state(flat)
 
 
-def hf_state_dict(model: model_lib.RewardModel, *, with_lm_head: bool = False) -> dict:
-  """HF tensor name -> float32 numpy array of a `*ForSequenceClassification` (plus the LM head if asked)."""
-  _, params = nnx.split(model, nnx.Param)
-  names = name_map(model.cfg)
-  out = {}
+def hf_tensors(params, cfg: model_lib.ModelConfig, *, with_lm_head: bool = False) -> list:
+  """(HF name, shape, float32, fetch) per tensor of a `*ForSequenceClassification` (plus the LM head if asked).
+
+  `fetch()` gathers that one tensor (one layer of a stacked parameter) to every process, transposed to HF's
+  layout: callers hold at most what they keep of the fetched tensors, never the whole model at once.
+  """
+  names, out = name_map(cfg), []
   for path, var in nnx.to_flat_state(params):
-    name, transpose = names[path]
-    if name == "lm_head.weight" and not with_lm_head:
-      continue  # *ForSequenceClassification has no LM head; scoring never used it.
-    value = np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
-    out[name] = np.ascontiguousarray(value.T if transpose else value)
+    entry = names[path]
+    value = var.get_value()
+    layers = list(enumerate(entry)) if isinstance(entry, list) else [(None, entry)]
+    for layer, (name, transpose) in layers:
+      if name == "lm_head.weight" and not with_lm_head:
+        continue  # *ForSequenceClassification has no LM head; scoring never used it.
+      shape = tuple(value.shape[1:] if layer is not None else value.shape)
+
+      def fetch(value=value, layer=layer, transpose=transpose):
+        host = weights_lib.gathered(value, layer)
+        return host.T if transpose else host
+
+      out.append((name, shape[::-1] if transpose else shape, np.float32, fetch))
   return out
+
+
+def write_weights(model: model_lib.RewardModel, out_dir: str,
+                  max_shard_bytes: int = weights_lib.DEFAULT_SHARD_BYTES) -> list[str]:
+  """Writes the model's HF weights (float32) into `out_dir`, gathered one tensor at a time: one
+  `model.safetensors`, or shards of at most `max_shard_bytes` plus their index. Every process of a
+  multi-host job calls it; process 0 writes. Returns the weight files' names."""
+  _, params = nnx.split(model, nnx.Param)
+  return weights_lib.write(hf_tensors(params, model.cfg), out_dir, max_shard_bytes, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +286,8 @@ def _hf_config(cfg: model_lib.ModelConfig, model_type: str, tokenizer, max_posit
 
 
 def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None = None,
-           reward_stats: dict | None = None, max_length: int | None = None) -> str:
+           reward_stats: dict | None = None, max_length: int | None = None,
+           max_shard_bytes: int = weights_lib.DEFAULT_SHARD_BYTES) -> str:
   """Writes an HF `*ForSequenceClassification` folder whose plain transformers scores equal ours.
 
   `loaded_or_model` is an `artifacts.Loaded` (then the training max_length, the checkpoint's validation reward
@@ -310,6 +295,7 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
   context length). `model_type` (llama | qwen2 | mistral) defaults to the family of the run's `init_from`
   model, else qwen2 when q/k/v carry a bias and llama otherwise. The tokenizer is written by
   `export.save_tokenizer` (encodes as training did, checked), the README.md is the export's own model card.
+  Weights go through `write_weights`: one `model.safetensors`, or shards of at most `max_shard_bytes`.
   """
   model = getattr(loaded_or_model, "model", loaded_or_model)
   workdir = getattr(loaded_or_model, "workdir", None)
@@ -339,7 +325,7 @@ def export(loaded_or_model, tokenizer, out_dir: str, *, model_type: str | None =
     config_json = json.load(f)
   with open(config_path, "w") as f:
     json.dump({**config_json, "num_labels": 1}, f, indent=2, sort_keys=True)
-  save_file(hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  write_weights(model, out_dir, max_shard_bytes)
   exported_tok = export_lib.save_tokenizer(tokenizer, out_dir, max_length)
 
   step = getattr(loaded_or_model, "step", None)
