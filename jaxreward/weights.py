@@ -178,6 +178,8 @@ def write(entries: Iterable[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]
   names = ([SINGLE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
   weight_map, total = {}, 0
   for file_name, positions in zip(names, shards):
     tensors = {}
