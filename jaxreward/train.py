@@ -14,7 +14,7 @@ import tqdm
 
 from jaxreward import checkpoint, configuration, corpus, hf, loss, memory, model as model_lib
 from jaxreward import pipeline, preemption, preflight, report, rundir, sharding, state as state_lib
-from jaxreward import tokenizer as tokenizer_lib
+from jaxreward import tokenizer as tokenizer_lib, weights
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,8 +144,10 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     start_step = restored_step
     log(f"resumed from step {start_step} in {ckpt.directory}")
   elif config.model.init_from:
-    trainer.state["params"] = hf.load_params(config.model.init_from, trainer.state["params"])
-    log(f"model: weights loaded from {config.model.init_from}")
+    reader = weights.Reader(config.model.init_from)
+    trainer.state["params"] = hf.load_params(config.model.init_from, trainer.state["params"], reader)
+    log(f"model: weights loaded from {config.model.init_from} ({reader.bytes_read / 2**20:.1f} MiB read by this "
+        "host: the slices its devices hold)")
   history = report.MetricsLog(workdir, start_step, is_main)
 
   # --- Loop ------------------------------------------------------------------------------------------------

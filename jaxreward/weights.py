@@ -81,7 +81,7 @@ class Reader:
 
   def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
     """The part `index` of tensor `name`, read without reading the rest."""
-    value = self._slice(name)[index] if index else self._slice(name)[...]
+    value = self._slice(name)[index]
     self.bytes_read += value.nbytes
     return value
 
