@@ -204,8 +204,8 @@ def load_params(folder: str, params, reader: weights_lib.Reader | None = None):
                       (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   # A tied checkpoint may still carry the (duplicate) LM head; rotary buffers are recomputed.
   ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-  unexpected = [n for n in reader.where
-                if n not in set(expected) and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
+  known = set(expected) | ignorable
+  unexpected = [n for n in reader.where if n not in known and not n.endswith("rotary_emb.inv_freq")]
   if unexpected:
     raise ConfigError(f"hf: {folder}: unexpected weight {unexpected[0]} cannot be mapped" +
                       (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))

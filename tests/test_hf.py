@@ -17,7 +17,7 @@ import optax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from jaxreward import configuration, hf, model as model_lib, sharding, state, train  # pylint: disable=g-import-not-at-top
-from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+from jaxreward import tokenizer as tokenizer_lib, weights  # pylint: disable=g-import-not-at-top
 
 SENTENCES = [
     "I built a sandcastle with my nephew. We made one small castle.",
@@ -140,7 +140,10 @@ def test_export_scores_match_transformers_and_round_trip(tmp_path, tok, family):
     tok = qwen2_style_bpe(SENTENCES * 20, 300)
   _save_tiny(tmp_path / "sft", family, tok, tie_word_embeddings=family == "Llama")
   ours, params = _import(tmp_path / "sft")
-  out = hf.export(ours, tok, str(tmp_path / "rm"), reward_stats={"mean": 0.5, "std": 2.0})
+  # Qwen2's weights go out in several shards plus their index (what a big model gets): transformers reads them.
+  shard_bytes = 20_000 if family == "Qwen2" else weights.DEFAULT_SHARD_BYTES
+  out = hf.export(ours, tok, str(tmp_path / "rm"), reward_stats={"mean": 0.5, "std": 2.0}, max_shard_bytes=shard_bytes)
+  assert (tmp_path / "rm" / "model.safetensors.index.json").exists() == (family == "Qwen2")
 
   config = json.loads((tmp_path / "rm" / "config.json").read_text())
   assert config["architectures"] == [f"{family}ForSequenceClassification"] and config["num_labels"] == 1
