@@ -20,7 +20,6 @@ Llama-3-8B's real widths (bf16) under the same mesh and rules. The last line is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,6 +29,27 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors
+from flax import nnx
+
+# Only modules that the baseline revision has too: a worker may run with that revision's package.
+from jaxreward import configuration, hf, model as model_lib, sharding, state
+
+_PROCESSES = flags.DEFINE_integer("processes", 4, "processes on localhost, one CPU device each")
+_MESH = flags.DEFINE_string("mesh", "fsdp=4", "mesh axis sizes, e.g. fsdp=4 or fsdp=2,tensor=2")
+_BASELINE = flags.DEFINE_string("baseline", None, "git revision whose jaxreward loads first (the code before)")
+_DIR = flags.DEFINE_string("dir", os.path.join(tempfile.gettempdir(), "pod_weights"), "checkpoint and baseline")
+# A worker's own settings (the driver passes them).
+_WORKER = flags.DEFINE_integer("worker", None, "internal: this worker's process id")
+_PORT = flags.DEFINE_integer("port", 0, "internal: the coordinator's port")
+_FOLDER = flags.DEFINE_string("folder", None, "internal: the checkpoint folder")
+_LAUNCHED = flags.DEFINE_float("launched", 0.0, "internal: time.time() when the workers were launched")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -64,8 +84,7 @@ def hf_shapes(dims: dict) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
 
 def write_checkpoint(folder: str) -> int:
   """The simulated checkpoint (random bf16 weights); returns its weight bytes."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top  (jax's dependency; numpy's bfloat16)
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  # Deferred: the baseline revision's package, which a worker may import, has no weights.py.
   from jaxreward import weights  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -73,8 +92,8 @@ def write_checkpoint(folder: str) -> int:
   rng = np.random.default_rng(0)
   shapes = hf_shapes(DIMS)
   total = sum(math.prod(s) for _, s in shapes) * 2
-  entries = [(name, shape, ml_dtypes.bfloat16,
-              lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16))
+  entries = [(name, shape, jnp.bfloat16,
+              lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(jnp.bfloat16))
              for name, shape in shapes]
   # Shards as Meta's: some full ones and a short last one.
   weights.write(entries, folder, max_shard_bytes=-(-total // (SHARDS - 0.5)), metadata={"format": "pt"})
@@ -100,7 +119,6 @@ def data_offsets(path: str) -> tuple[int, dict]:
 def mark_pages(bitmap, begin: int, shape, itemsize: int, bounds) -> None:
   """Marks in `bitmap` the pages holding the part `bounds` ((start, stop) per axis, row-major) of a tensor whose
   data starts at byte `begin`: one contiguous run per row of a 2-D tensor."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if len(shape) == 1:
     starts, ends = np.array([bounds[0][0]]), np.array([bounds[0][1]])
   else:
@@ -140,7 +158,6 @@ class _Handle:
   """safe_open's handle, recording the bytes (and file pages) of what it returns."""
 
   def __init__(self, inner, path):
-    import numpy as np  # pylint: disable=g-import-not-at-top
     self._inner, self._path = inner, path
     size, self._where = data_offsets(path)
     _READ["pages"].setdefault(path, np.zeros(-(-size // PAGE), bool))
@@ -171,38 +188,32 @@ class _Handle:
 
 
 def _counting_safe_open(path, framework, device="cpu"):
-  import safetensors  # pylint: disable=g-import-not-at-top
   return _Handle(safetensors.safe_open(path, framework, device=device), path)
 
 
-def worker(args) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
+def worker() -> None:
   jax.config.update("jax_num_cpu_devices", 1)
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
-                             process_id=args.worker)
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{_PORT.value}", num_processes=_PROCESSES.value,
+                             process_id=_WORKER.value)
   initialized = time.time()
-  # pylint: disable=g-import-not-at-top
-  import ml_collections
-  import numpy as np
-  from flax import nnx
-  from jaxreward import configuration, hf, sharding, state
   for module in list(sys.modules.values()):  # hf (the baseline) or weights (now) opens the files.
     if getattr(module, "__name__", "").startswith("jaxreward") and hasattr(module, "safe_open"):
       module.safe_open = _counting_safe_open
-  mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **parse_mesh(args.mesh),
+  mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **parse_mesh(_MESH.value),
                                         "rules": configuration.defaults().mesh.rules})
   mesh = sharding.make_mesh(mesh_cfg)
-  cfg = hf.model_config(args.folder, configuration.defaults().model)
+  cfg = hf.model_config(_FOLDER.value, configuration.defaults().model)
   _, target = state.params_target(cfg, mesh, sharding.rules(mesh_cfg))
   start = time.time()
-  params = hf.load_params(args.folder, target)
+  params = hf.load_params(_FOLDER.value, target)
   arrays = [v.get_value() for _, v in nnx.to_flat_state(params) if isinstance(v.get_value(), jax.Array)]
   jax.block_until_ready(arrays)
   done = time.time()
   checksum = sum(float(np.asarray(s.data, np.float64).sum()) for a in arrays for s in a.addressable_shards)
   pages = sum(int(b.sum()) for b in _READ["pages"].values()) * PAGE
   print(json.dumps({"process": jax.process_index(), "bytes_read": _READ["bytes"], "page_bytes": pages,
-                    "load_s": done - start, "startup_s": done - args.launched, "init_s": initialized - args.launched,
+                    "load_s": done - start, "startup_s": done - _LAUNCHED.value,
+                    "init_s": initialized - _LAUNCHED.value,
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                     "checksum": checksum, "jaxreward": os.path.dirname(hf.__file__)}), flush=True)
 
@@ -210,11 +221,19 @@ def worker(args) -> None:
 # --- The driver ---------------------------------------------------------------------------------------------------
 
 
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(configuration.EXIT_BAD_INPUT)
+
+
 def parse_mesh(text: str) -> dict:
   try:
-    return {k: int(v) for k, v in (part.split("=") for part in text.split(","))}
+    sizes = {k: int(v) for k, v in (part.split("=") for part in text.split(","))}
   except ValueError:
-    sys.exit(f"error: --mesh {text!r}; expected e.g. fsdp=4 or fsdp=2,tensor=2")
+    sizes = {"": 0}
+  if not set(sizes) <= set(sharding.MESH_AXES) or min(sizes.values()) < 1:
+    fail(f"--mesh {text!r}; expected sizes of {'/'.join(sharding.MESH_AXES)}, e.g. fsdp=4 or fsdp=2,tensor=2")
+  return sizes
 
 
 def run(folder: str, code: str, processes: int, mesh: str) -> list[dict]:
@@ -232,7 +251,8 @@ def run(folder: str, code: str, processes: int, mesh: str) -> list[dict]:
   for p in procs:
     out, err = p.communicate()
     if p.returncode:
-      sys.exit(f"error: worker exited {p.returncode}:\n{err[-3000:]}")
+      print(err[-3000:], file=sys.stderr)
+      sys.exit(f"error: worker exited {p.returncode} (-9/137: killed after {KILL_AFTER_S} s)")
     results.append(json.loads(out.strip().splitlines()[-1]))
   return results
 
@@ -240,10 +260,6 @@ def run(folder: str, code: str, processes: int, mesh: str) -> list[dict]:
 def projection(mesh: dict) -> tuple[int, int]:
   """(bytes, bytes of 4 KiB pages) that host 0 reads at Llama-3-8B's real widths (bf16, one device per host) under
   `mesh` and the default rules, from one safetensors file with the tensors in name order."""
-  # pylint: disable=g-import-not-at-top
-  import numpy as np
-  from flax import nnx
-  from jaxreward import configuration, hf, model as model_lib, state
   table = dict(configuration.defaults().mesh.rules)
   sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh}
   cfg = model_lib.ModelConfig(vocab_size=REAL_DIMS["vocab_size"], hidden_size=REAL_DIMS["hidden_size"],
@@ -280,51 +296,43 @@ def projection(mesh: dict) -> tuple[int, int]:
   return read, pages
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--processes", type=int, default=4)
-  parser.add_argument("--mesh", default="fsdp=4", help="axis sizes, e.g. fsdp=4 or fsdp=2,tensor=2")
-  parser.add_argument("--baseline", default=None, help="git revision whose jaxreward loads first (the code before)")
-  parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "pod_weights"))
-  parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-  parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--launched", type=float, default=0.0, help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.worker is not None:
-    worker(args)
+def main(argv) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}")
+  if _WORKER.value is not None:
+    worker()
     return
-  sys.path.insert(0, ROOT)
-  mesh = parse_mesh(args.mesh)
-  if math.prod(mesh.values()) != args.processes:
-    sys.exit(f"error: --mesh {args.mesh} needs {math.prod(mesh.values())} devices; --processes is {args.processes}")
-  folder = os.path.join(args.dir, "llama3_8b_shrunk")
+  mesh = parse_mesh(_MESH.value)
+  processes = _PROCESSES.value
+  if math.prod(mesh.values()) != processes:
+    fail(f"--mesh {_MESH.value} needs {math.prod(mesh.values())} devices; --processes is {processes}")
+  folder = os.path.join(_DIR.value, "llama3_8b_shrunk")
   if not os.path.isfile(os.path.join(folder, "config.json")):
     write_checkpoint(folder)
   file_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
-  codes = [("now", ROOT)]
-  if args.baseline:
-    base = os.path.join(args.dir, "baseline")
+  codes = [("now", os.path.dirname(os.path.dirname(hf.__file__)))]  # The package this driver imported.
+  if _BASELINE.value:
+    base = os.path.join(_DIR.value, "baseline")
     subprocess.run(["rm", "-rf", base], check=True)
     os.makedirs(base)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline, "jaxreward"], check=True,
+    archive = subprocess.run(["git", "-C", ROOT, "archive", _BASELINE.value, "jaxreward"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
-    codes.insert(0, (f"baseline {args.baseline}", base))
+    codes.insert(0, (f"baseline {_BASELINE.value}", base))
   rows = {}
   print(f"checkpoint {folder}: {len(hf_shapes(DIMS))} tensors, {file_bytes / 2**20:.1f} MiB in "
-        f"{sum(f.endswith('.safetensors') for f in os.listdir(folder))} shards; mesh {args.mesh}, "
-        f"{args.processes} processes x 1 CPU device")
+        f"{sum(f.endswith('.safetensors') for f in os.listdir(folder))} shards; mesh {_MESH.value}, "
+        f"{processes} processes x 1 CPU device")
   print("| code | process | weights read (MiB) | share of file | 4 KiB pages they span (MiB) | load (s) | "
         "start-up (s) | peak RSS (MiB) |")
   print("|---|---|---|---|---|---|---|---|")
   for label, code in codes:
-    rows[label] = run(folder, code, args.processes, args.mesh)
+    rows[label] = run(folder, code, processes, _MESH.value)
     for r in rows[label]:
       print(f"| {label} | {r['process']} | {r['bytes_read'] / 2**20:.1f} | {r['bytes_read'] / file_bytes:.2f} | "
             f"{r['page_bytes'] / 2**20:.1f} | {r['load_s']:.2f} | {r['startup_s']:.2f} | "
             f"{r['peak_rss_mib']:.0f} |")
-  if args.baseline:
+  if _BASELINE.value:
     same = [a["checksum"] == b["checksum"] for a, b in zip(*rows.values())]
     print(f"loaded parameters equal to the baseline's (per-process checksums): {all(same)}")
   projected, projected_pages = projection(mesh)
@@ -332,10 +340,10 @@ def main(argv=None) -> None:
   print(f"projection at Llama-3-8B's real widths (bf16, {real_total / 1e9:.2f} GB), host 0: reads "
         f"{projected / 1e9:.2f} GB spanning {projected_pages / 1e9:.2f} GB of 4 KiB pages now; "
         f"{real_total / 1e9:.2f} GB before")
-  print(json.dumps({"mesh": args.mesh, "processes": args.processes, "dims": DIMS, "file_bytes": file_bytes,
+  print(json.dumps({"mesh": _MESH.value, "processes": processes, "dims": DIMS, "file_bytes": file_bytes,
                     "runs": rows, "projected_bytes_host0": projected, "projected_page_bytes_host0": projected_pages,
                     "real_file_bytes": real_total}))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
