@@ -13,9 +13,10 @@ first with the jaxreward package of that git revision (extracted to a temporary 
 Bytes are counted the same way for both codes: each worker wraps safetensors' `safe_open` and sums the size of
 every tensor or slice it hands out, and the 4 KiB pages of the files those bytes lie in (memory-mapped files are
 read in pages: a slice of a row-major tensor's inner axis is a strided run per row, and short runs share pages
-with the other hosts' runs). Both counts take time inside the load for both codes. Start-up is the wall time from launching the process to its parameters being loaded and
-ready (imports, jax.distributed.initialize, abstract model, load). A projection gives the bytes per host at
-Llama-3-8B's real widths (bf16) under the same mesh and rules. The last line is one JSON object.
+with the other hosts' runs). Both counts take time inside the load, for both codes alike. Start-up is the wall
+time from launching the process to its parameters being loaded and ready (imports, jax.distributed.initialize,
+abstract model, load). A projection gives the bytes (and pages) host 0 reads at Llama-3-8B's real widths (bf16)
+under the same mesh and rules. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def write_checkpoint(folder: str) -> int:
               lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(jnp.bfloat16))
              for name, shape in shapes]
   # Shards as Meta's: some full ones and a short last one.
-  weights.write(entries, folder, max_shard_bytes=-(-total // (SHARDS - 0.5)), metadata={"format": "pt"})
+  weights.write(entries, folder, max_shard_bytes=int(total / (SHARDS - 0.5)) + 1, metadata={"format": "pt"})
   return total
 
 
@@ -132,9 +133,8 @@ def mark_pages(bitmap, begin: int, shape, itemsize: int, bounds) -> None:
 
 
 def _bounds(index, shape):
-  if index is Ellipsis or index == ():
-    index = ()
-  index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+  index = () if index is Ellipsis else tuple(index)
+  index += (slice(None),) * (len(shape) - len(index))
   return [s.indices(n)[:2] for s, n in zip(index, shape)]
 
 
@@ -172,9 +172,12 @@ class _Handle:
     return self._inner.keys()
 
   def _recorder(self, name, shape):
+    begin, itemsize = self._where[name]
+
     def record(bounds, nbytes):
       _READ["bytes"] += nbytes
-      mark_pages(_READ["pages"][self._path], *self._where[name][:1], shape, self._where[name][1], bounds)
+      mark_pages(_READ["pages"][self._path], begin, shape, itemsize, bounds)
+
     return record
 
   def get_tensor(self, name):
