@@ -298,8 +298,9 @@ def test_train_from_hf_folder_then_export(tmp_path, tok, tiny_config):
   with torch.no_grad():
     want = theirs(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
   np.testing.assert_allclose(np.asarray(_rewards(loaded.model, tokens, lengths)), want, atol=1e-4, rtol=0)
-  imported = hf._Safetensors(str(folder))  # pylint: disable=protected-access
-  trained = hf.hf_state_dict(loaded.model, with_lm_head=True)
-  np.testing.assert_array_equal(trained["lm_head.weight"], imported.get("lm_head.weight"))
-  assert not np.array_equal(trained["model.layers.0.mlp.up_proj.weight"],
-                            imported.get("model.layers.0.mlp.up_proj.weight"))
+  imported = weights.Reader(str(folder))
+  _, trained_params = nnx.split(loaded.model, nnx.Param)
+  trained = {name: fetch for name, _, _, fetch in hf.hf_tensors(trained_params, loaded.model.cfg, with_lm_head=True)}
+  np.testing.assert_array_equal(trained["lm_head.weight"](), imported.read("lm_head.weight", ()))
+  assert not np.array_equal(trained["model.layers.0.mlp.up_proj.weight"](),
+                            imported.read("model.layers.0.mlp.up_proj.weight", ()))
