@@ -16,15 +16,19 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+def several() -> bool:
+  return jax.process_count() > 1
+
+
 def barrier(name: str) -> None:
   """Returns on every host once all hosts reached the barrier of this name."""
-  if jax.process_count() > 1:
+  if several():
     multihost_utils.sync_global_devices(name)
 
 
 def from_main(data: bytes | None) -> bytes:
   """Host 0's `data` on every host (the others pass None): one collective for the size, one for the bytes."""
-  if jax.process_count() == 1:
+  if not several():
     return data
   size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data) if is_main() else 0)))
   if not size:
@@ -35,6 +39,6 @@ def from_main(data: bytes | None) -> bytes:
 
 def gather(x: np.ndarray) -> np.ndarray:
   """[processes, ...]: every host's `x` (same shape on all), on every host."""
-  if jax.process_count() == 1:
+  if not several():
     return np.asarray(x)[None]
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))

@@ -49,11 +49,11 @@ class RunData:
   train_sample: pipeline.EvalBatches
 
 
-def make_data(config, mesh) -> RunData:
+def make_data(config, mesh, workdir: str) -> RunData:
   t, d = config.train, config.data
   if config.model.init_from:
     preflight.check_init_from(config, log)
-  prepared = corpus.prepare(config, log)
+  prepared = corpus.prepare(config, log, workdir)
   pad_id, batch_sharding = prepared.tokenizer.pad_token_id, pipeline.Batch.sharding(mesh, sharding.rules(config.mesh))
   plan = pipeline.make_plan(config, prepared.train)
   num_steps = total_steps(t, plan.batches_per_epoch)
@@ -122,7 +122,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
 
   mesh = make_mesh(config)
   rule_table = sharding.rules(config.mesh)
-  data = make_data(config, mesh)
+  data = make_data(config, mesh, workdir)
   tok, plan, num_steps, padding_by_epoch = data.prepared.tokenizer, data.plan, data.num_steps, data.padding_by_epoch
   model_cfg = model_config(config, tok)
   preflight.check_memory(config, model_cfg, dict(mesh.shape), log)
