@@ -12,8 +12,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import os
+import shutil
 
-from jaxreward import configuration, data, synthetic, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import configuration, data, hosts, synthetic, tfds_data, tokenizer as tokenizer_lib
+
+STAGED_TOKENIZER = "tokenizer.trained"  # Host 0's BPE while the other hosts load it.
 
 
 @dataclasses.dataclass
@@ -24,8 +28,10 @@ class PreparedData:
   stats: dict
 
 
-def prepare(config, log) -> PreparedData:
-  """Reads, cleans, splits and tokenizes the configured data; every problem is a one-line ConfigError."""
+def prepare(config, log, workdir: str | None = None) -> PreparedData:
+  """Reads, cleans, splits and tokenizes the configured data; every problem is a one-line ConfigError.
+
+  A BPE tokenizer to train is trained by host 0 alone and handed to the others through `workdir`."""
   d, seed = config.data, config.train.seed
   stats = {"bad_lines_skipped": 0, "skip_reasons": [], "duplicates_removed": 0, "leaks_removed": 0,
            "one_empty_response_kept": 0}
@@ -78,7 +84,7 @@ def prepare(config, log) -> PreparedData:
   if tok_path:
     tok = tokenizer_lib.load(tok_path)
   else:
-    tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), d.vocab_size)
+    tok = trained_tokenizer(train_pairs, d.vocab_size, workdir)
   train = tokenizer_lib.encode(train_pairs, tok, d.max_length, d.truncation)
   validation = tokenizer_lib.encode(val_pairs, tok, d.max_length, d.truncation)
   if len(train) < config.train.batch_size or not len(validation):
@@ -91,6 +97,24 @@ def prepare(config, log) -> PreparedData:
     log(f"data: {stats['truncated_pairs']} pairs cut to max_length={d.max_length} (keep_end) and "
         f"{stats['dropped_pairs']} dropped as too long (truncation={d.truncation})")
   return PreparedData(tok, train, validation, stats)
+
+
+def trained_tokenizer(train_pairs: list[data.Pair], vocab_size: int, workdir: str | None):
+  """A BPE trained on the training texts. With several hosts, host 0 trains it and saves it in the work dir
+  (under a name that is not one of the run's files until it is loaded everywhere), the others load it."""
+  if not hosts.several():
+    return tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
+  staged = os.path.join(workdir, STAGED_TOKENIZER)
+  if hosts.is_main():
+    tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
+    tok.save_pretrained(staged)
+  hosts.barrier("tokenizer trained")
+  if not hosts.is_main():
+    tok = tokenizer_lib.load(staged)
+  hosts.barrier("tokenizer loaded")
+  if hosts.is_main():
+    shutil.rmtree(staged)
+  return tok
 
 
 def deduplicate(pairs: list[data.Pair]) -> tuple[list[data.Pair], int]:

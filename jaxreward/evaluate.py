@@ -37,7 +37,7 @@ def score_workdir(workdir: str, checkpoint, data_path: str):
   batch_size = -(-config.train.eval_batch_size // data_size) * data_size
   evaluation = pipeline.eval_batches(enc, np.arange(len(enc)), batch_size,
                                      pipeline.bucket_lengths(d.max_length, d.num_buckets),
-                                     loaded.tokenizer.pad_token_id, jax.process_index(), jax.process_count())
+                                     loaded.tokenizer.pad_token_id, pipeline.Batch.sharding(mesh, rule_table))
   means, r_Nx2 = state.evaluate(eval_step, params, evaluation, pipeline.Batch.sharding(mesh, rule_table))
   meta = {"model": workdir, "kind": "workdir", "checkpoint_step": loaded.step, "backend": "jax (sharded eval step)",
           "mesh": sharding.describe(mesh), "lines_read": load_report.lines, "bad_lines_skipped": load_report.skipped,

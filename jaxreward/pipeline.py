@@ -24,13 +24,15 @@ packed or not: the mask and positions make each sequence see exactly what it wou
 from __future__ import annotations
 
 import dataclasses
+import functools
+import zlib
 
 from flax import struct
 import grain
 import jax
 import numpy as np
 
-from jaxreward import sharding, tokenizer as tokenizer_lib
+from jaxreward import hosts, sharding, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 
@@ -71,8 +73,19 @@ class Batch:
     return sharding.batch_sharding(mesh, rule_table)
 
   def on_device(self, batch_sharding) -> Batch:
-    """Each host contributes its groups; together they form the global batch."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), self)
+    """The global batch on the mesh, from this host's rows (`host_rows`, every field the same rows): each
+    device takes the rows its shard covers, whichever hosts its data x fsdp x tensor group spans."""
+    leading = global_leading(batch_sharding, jax.tree.leaves(self)[0].shape[0])
+    rows_R = host_rows(batch_sharding, leading)
+
+    def put(x):
+      def shard(index):
+        start, stop, _ = index[0].indices(leading)
+        first = int(np.searchsorted(rows_R, start))  # A shard's rows are consecutive among this host's.
+        return x[(slice(first, first + stop - start),) + tuple(index[1:])]
+      return jax.make_array_from_callback((leading,) + x.shape[1:], batch_sharding, shard)
+
+    return jax.tree.map(put, self)
 
   def real_tokens(self) -> int:
     if self.segments_GxRxL is not None:
@@ -81,9 +94,9 @@ class Batch:
 
 
 def collate(enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray, buckets: list[int], pad_id: int,
-            rows: slice = slice(None)) -> Batch:
+            rows=slice(None)) -> Batch:
   """One pair per group, one sequence per row (R = 2), padded to the smallest bucket that fits the whole batch;
-  only the pairs `rows` (this host's) are laid out."""
+  only the pairs `rows` (this host's: a slice or ascending indices) are laid out."""
   lengths_BxP = np.array([[len(enc.ids[i][0]), len(enc.ids[i][1])] for i in indices], np.int32).reshape(-1, 2)
   padded = smallest_fitting(buckets, lengths_BxP.max())
   indices, lengths_BxP, weight = indices[rows], lengths_BxP[rows], weight[rows]
@@ -106,8 +119,7 @@ class BucketedLayout:
   def groups_of(self, batch_size: int) -> int:
     return batch_size
 
-  def collate(self, enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray,
-              rows: slice = slice(None)) -> Batch:
+  def collate(self, enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray, rows=slice(None)) -> Batch:
     return collate(enc, indices, weight, self.buckets, self.pad_id, rows)
 
   def slots(self, enc: tokenizer_lib.Encoded, indices: np.ndarray) -> int:
@@ -175,12 +187,13 @@ class PackedLayout:
     """Token slots the batch occupies once packed (its real tokens plus padding)."""
     return self.groups * self.padded_rows(self.rows_needed(enc, indices)) * self.row_length
 
-  def collate(self, enc, indices: np.ndarray, weight: np.ndarray, rows: slice = slice(None)) -> Batch:
-    """The batch's groups `rows` (this host's); the row count comes from every group, so all hosts agree."""
+  def collate(self, enc, indices: np.ndarray, weight: np.ndarray, rows=slice(None)) -> Batch:
+    """The batch's groups `rows` (this host's: a slice or ascending indices); the row count comes from every
+    group, so all hosts agree."""
     width, placements = self.row_length, self.placements(enc, indices)
     num_rows = self.padded_rows(max(p[2] for p in placements))
     pairs_per_group = len(indices) // self.groups
-    mine = range(self.groups)[rows]
+    mine = np.arange(self.groups)[rows]
     tokens = np.full((len(mine), num_rows, width), self.pad_id, np.int32)
     positions = np.zeros((len(mine), num_rows, width), np.int32)
     segments = np.zeros((len(mine), num_rows, width), np.int32)
@@ -240,12 +253,57 @@ class TrainPlan:
     return 1.0 - real / padded
 
 
-def host_rows(leading: int, process_index: int, process_count: int, what: str = "train.batch_size") -> slice:
-  """This host's share of a global batch's leading axis (pairs, or packing groups)."""
-  if leading % process_count:
-    raise ConfigError(f"config: {what}={leading} does not split over {process_count} processes")
-  per = leading // process_count
-  return slice(process_index * per, (process_index + 1) * per)
+@functools.lru_cache(maxsize=64)
+def host_rows(batch_sharding, leading: int) -> np.ndarray:
+  """The rows of a global batch's leading axis (pairs or packing groups) that this process's devices hold,
+  ascending: what this host collates. A contiguous block when the host's devices form whole data x fsdp
+  shards; with a tensor or fsdp group spanning hosts, each of them holds (a replica of) that group's rows.
+  None (no mesh): every row."""
+  if batch_sharding is None:
+    return np.arange(leading)
+  blocks = {index[0].indices(leading)[:2] for index in batch_sharding.addressable_devices_indices_map(
+      (leading,)).values()}
+  return np.concatenate([np.arange(start, stop) for start, stop in sorted(blocks)])
+
+
+def global_leading(batch_sharding, local: int) -> int:
+  """The global batch's leading size, from the `local` rows this host holds (`host_rows`: whole shards)."""
+  size = len(batch_sharding.device_set)  # Every shard count along the leading axis divides it.
+  shards = size // batch_sharding.shard_shape((size,))[0]
+  held = len(host_rows(batch_sharding, size)) // (size // shards)
+  return local * shards // held
+
+
+def check_host_rows(plan: TrainPlan, layout, batch_sharding) -> None:
+  """Start-up check on batch 0: every device of this host holds exactly its rows of the global batch, and hosts
+  holding the same rows (a tensor or fsdp group across hosts) hold the same values. One line if not."""
+  indices, me = plan.indices(0), jax.process_index()
+  leading, ones = layout.groups_of(len(indices)), np.ones(len(indices))
+  placed = layout.collate(plan.enc, indices, ones, host_rows(batch_sharding, leading)).on_device(batch_sharding)
+  size = batch_sharding.shard_shape((leading,))[0]
+  digest_S = np.full(leading // size, -1, np.int64)  # A checksum of each shard this host holds, else -1.
+  alone = {}  # (start, stop) -> those rows collated by themselves: the reference.
+  for device, index in batch_sharding.addressable_devices_indices_map((leading,)).items():
+    start, stop, _ = index[0].indices(leading)
+    if (start, stop) not in alone:
+      alone[start, stop] = jax.tree_util.tree_leaves_with_path(
+          layout.collate(plan.enc, indices, ones, slice(start, stop)))
+    checksum = 0
+    for (path, want), field in zip(alone[start, stop], jax.tree.leaves(placed), strict=True):
+      got = np.asarray(next(s.data for s in field.addressable_shards if s.device == device))
+      if not np.array_equal(got, want):
+        raise ConfigError(f"pipeline: device {device} of process {me} would get other values of "
+                          f"{jax.tree_util.keystr(path)} rows {start}..{stop - 1} of batch 0 than the global batch has")
+      checksum = zlib.crc32(np.ascontiguousarray(got).tobytes(), checksum)
+    digest_S[start // size] = checksum
+  gathered_PxS = hosts.gather(digest_S)
+  for s in range(len(digest_S)):
+    holders = [p for p in range(len(gathered_PxS)) if gathered_PxS[p, s] >= 0]
+    differing = [p for p in holders if gathered_PxS[p, s] != gathered_PxS[holders[0], s]]
+    if differing:
+      raise ConfigError(f"pipeline: processes {holders[0]} and {differing[0]} lay out different values for rows "
+                        f"{s * size}..{(s + 1) * size - 1} of batch 0, which devices of both hold: every host must "
+                        "run the same code, config and data")
 
 
 def make_plan(config, enc: tokenizer_lib.Encoded) -> TrainPlan:
@@ -255,27 +313,26 @@ def make_plan(config, enc: tokenizer_lib.Encoded) -> TrainPlan:
   return TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
 
 
-def make_layout(config, plan, batch_shards: int, pad_id: int, process_index: int, process_count: int):
+def make_layout(config, plan, batch_shards: int, pad_id: int):
   """(layout, description) of training batches: packed rows or length buckets."""
   d, t = config.data, config.train
   if d.packing:
     layout = PackedLayout(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
                                   pad_id)
-    host_rows(layout.groups, process_index, process_count, "packing groups (data x fsdp x grad_accum_steps)")
     layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
     return layout, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {layout.row_length}"
   buckets = bucket_lengths(d.max_length, d.num_buckets)
-  host_rows(t.batch_size, process_index, process_count)
   return BucketedLayout(buckets, pad_id), f"buckets {buckets}"
 
 
-def train_dataset(plan: TrainPlan, num_steps: int, layout, process_index: int, process_count: int):
-  """A grain IterDataset of this host's rows of batches 0..num_steps-1; resumable via get/set_state."""
+def train_dataset(plan: TrainPlan, num_steps: int, layout, batch_sharding=None):
+  """A grain IterDataset of this host's rows (`host_rows`) of batches 0..num_steps-1; resumable via
+  get/set_state."""
 
   def make_batch(step):
     indices = plan.indices(int(step))
-    # Each host lays out only its own groups; shapes come from the whole batch, so every host's agree.
-    rows = host_rows(layout.groups_of(len(indices)), process_index, process_count)
+    # Each host lays out only its devices' groups; shapes come from the whole batch, so every host's agree.
+    rows = host_rows(batch_sharding, layout.groups_of(len(indices)))
     return layout.collate(plan.enc, indices, np.ones(len(indices)), rows)
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(
@@ -290,9 +347,10 @@ class EvalBatches:
 
 
 def eval_batches(enc: tokenizer_lib.Encoded, indices: np.ndarray, batch_size: int, buckets, pad_id: int,
-                 process_index: int, process_count: int) -> EvalBatches:
-  """Batches of the pairs `indices`, sorted by length; the last is filled with weight-0 copies."""
-  rows = host_rows(batch_size, process_index, process_count)
+                 batch_sharding=None) -> EvalBatches:
+  """Batches of the pairs `indices`, sorted by length (this host's rows of each); the last is filled with
+  weight-0 copies."""
+  rows = host_rows(batch_sharding, batch_size)
   lengths = enc.lengths().max(axis=1)
   positions = np.argsort(lengths[indices], kind="stable")
   ordered = indices[positions]

@@ -13,7 +13,8 @@ import sys
 
 import matplotlib
 
-from jaxreward import analysis, gate
+from jaxreward import analysis, gate, hosts
+from jaxreward.configuration import ConfigError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -36,19 +37,38 @@ def summary_writer(logdir: str):
 class MetricsLog:
   """Append-only metrics.jsonl, and the same rows as TensorBoard scalars (`<kind>/<key>`, tensorboardX event
   files in the work dir; a resumed run starts a new file, which TensorBoard merges by step). On resume, rows
-  past the restored step are dropped from metrics.jsonl (they were never saved)."""
+  past the restored step are dropped from metrics.jsonl (they were never saved).
+
+  Only the enabled log (host 0's) reads and rewrites the file; with several hosts the others then receive its
+  rows (a collective, so after the rewrite) instead of reading a file that host 0 may be rewriting."""
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self.events = summary_writer(workdir) if enabled else None
-    self.rows = []
+    self.rows = self._resume(resume_step) if enabled else []
+    if hosts.several():
+      self.rows = json.loads(hosts.from_main(json.dumps(self.rows).encode() if hosts.is_main() else None))
+
+  def _resume(self, resume_step: int) -> list[dict]:
+    rows = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r["step"] <= resume_step]
-    if enabled:
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        lines = [line for line in f.read().splitlines() if line.strip()]
+      for n, line in enumerate(lines):
+        try:
+          row = json.loads(line)
+        except ValueError:
+          if n == len(lines) - 1:
+            break  # A write cut short by a crash: past the last checkpoint, like every row after it.
+          raise ConfigError(f"{self.path}:{n + 1}: not a JSON row; move the file away to resume") from None
+        if row["step"] <= resume_step:
+          rows.append(row)
+    temporary = f"{self.path}.tmp"
+    with open(temporary, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(temporary, self.path)
+    return rows
 
   def write(self, row: dict) -> None:
     self.rows.append(row)

@@ -49,23 +49,24 @@ class RunData:
   train_sample: pipeline.EvalBatches
 
 
-def make_data(config, mesh) -> RunData:
+def make_data(config, mesh, workdir: str) -> RunData:
   t, d = config.train, config.data
   if config.model.init_from:
     preflight.check_init_from(config, log)
-  prepared = corpus.prepare(config, log)
-  pad_id, pid, nproc = prepared.tokenizer.pad_token_id, jax.process_index(), jax.process_count()
+  prepared = corpus.prepare(config, log, workdir)
+  pad_id, batch_sharding = prepared.tokenizer.pad_token_id, pipeline.Batch.sharding(mesh, sharding.rules(config.mesh))
   plan = pipeline.make_plan(config, prepared.train)
   num_steps = total_steps(t, plan.batches_per_epoch)
-  layout, shapes = pipeline.make_layout(config, plan, mesh.shape["data"] * mesh.shape["fsdp"], pad_id, pid, nproc)
+  layout, shapes = pipeline.make_layout(config, plan, mesh.shape["data"] * mesh.shape["fsdp"], pad_id)
   padding_by_epoch = [plan.padding_fraction(e, layout) for e in range(-(-num_steps // plan.batches_per_epoch))]
   log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation pairs; {num_steps} steps "
       f"({plan.batches_per_epoch} per epoch); {shapes}; padding {np.mean(padding_by_epoch):.1%} of token slots")
   buckets = pipeline.bucket_lengths(d.max_length, d.num_buckets)
   validation = pipeline.eval_batches(prepared.validation, np.arange(len(prepared.validation)), t.eval_batch_size,
-                                     buckets, pad_id, pid, nproc)
+                                     buckets, pad_id, batch_sharding)
   sample = np.random.default_rng([t.seed, 1]).permutation(len(prepared.train))[:t.train_eval_pairs]
-  train_sample = pipeline.eval_batches(prepared.train, np.sort(sample), t.eval_batch_size, buckets, pad_id, pid, nproc)
+  train_sample = pipeline.eval_batches(prepared.train, np.sort(sample), t.eval_batch_size, buckets, pad_id,
+                                      batch_sharding)
   return RunData(prepared, plan, layout, num_steps, padding_by_epoch, validation, train_sample)
 
 
@@ -117,11 +118,11 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   os.makedirs(workdir, exist_ok=True)
-  is_main, nproc, t = jax.process_index() == 0, jax.process_count(), config.train
+  is_main, t = jax.process_index() == 0, config.train
 
   mesh = make_mesh(config)
   rule_table = sharding.rules(config.mesh)
-  data = make_data(config, mesh)
+  data = make_data(config, mesh, workdir)
   tok, plan, num_steps, padding_by_epoch = data.prepared.tokenizer, data.plan, data.num_steps, data.padding_by_epoch
   model_cfg = model_config(config, tok)
   preflight.check_memory(config, model_cfg, dict(mesh.shape), log)
@@ -138,7 +139,8 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
 
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
-  start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, data.layout, jax.process_index(), nproc))
+  pipeline.check_host_rows(plan, data.layout, trainer.batch_sharding)
+  start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, data.layout, trainer.batch_sharding))
   restored_step, trainer.state, _ = ckpt.restore_latest(trainer.state, iterator.set_state, log)
   if restored_step is not None:
     start_step = restored_step

@@ -225,7 +225,7 @@ def test_grain_iterator_state_round_trips_to_the_same_next_batch(tiny_config, tm
   else:
     layout = pipeline.BucketedLayout(
         pipeline.bucket_lengths(tiny_config.data.max_length, tiny_config.data.num_buckets), pad)
-  make = lambda: iter(pipeline.train_dataset(plan, 20, layout, 0, 1))
+  make = lambda: iter(pipeline.train_dataset(plan, 20, layout))
   original = make()
   for _ in range(7):  # 5 batches per epoch: the saved state lies in the second epoch.
     next(original)

@@ -1,8 +1,13 @@
-"""Two processes on localhost (one CPU device each, gloo) joined by jax.distributed: they train `tiny` to the same
-metrics as one process with two devices, stop together on a SIGTERM to either host (JAX's preemption sync point),
-do not hang when a host is killed (the coordination service's heartbeat stops the rest), and resume to exactly
-the metrics of an uninterrupted run. Every subprocess runs under `timeout -s KILL`: after
-jax.distributed.initialize SIGTERM no longer kills a process, and a hung collective must not hang the suite."""
+"""Processes on localhost (one CPU device each, gloo) joined by jax.distributed, on meshes whose tensor groups
+span processes, so that several hosts need the same rows of each batch: 4 processes on data=1 x fsdp=2 x
+tensor=2, and 2 processes on data=1 x fsdp=1 x tensor=2, train `tiny` to the metrics of one process with as many
+devices. Host 0 alone trains the BPE tokenizer. The 2-process job stops together on a SIGTERM to either host
+(JAX's preemption sync point), does not hang when a host is killed (the coordination service's heartbeat stops
+the rest), and resumes, with a large metrics.jsonl that host 0 alone reads and rewrites, to the metrics of an
+uninterrupted run.
+Every subprocess runs under `timeout -s KILL`: after jax.distributed.initialize SIGTERM no longer kills a
+process, and a hung collective must not hang the suite. No persistent compilation cache: with a warm one, these
+jobs failed to set up gloo ("Gloo context initialization failed: GetKeyValue() timed out")."""
 
 import json
 import os
@@ -18,24 +23,32 @@ import pytest
 from tests.conftest import ROOT
 
 WORKER = str(ROOT / "tests" / "multiprocess_worker.py")
-KILL_AFTER_S = 240
+KILL_AFTER_S = 420
 HEARTBEAT_S = 5
 # Long enough to interrupt twice; every eval also checkpoints; the stop check and a metrics row come at log_every.
-OVERRIDES = {"train.num_steps": 40, "train.eval_every": 20, "train.log_every": 2,
-             "distributed.heartbeat_timeout_s": HEARTBEAT_S}
+# One bucket and no packing: one train and one eval program to compile per layout (compiling is most of a run).
+OVERRIDES = {"train.num_steps": 40, "train.eval_every": 20, "train.log_every": 2, "data.packing": False,
+             "data.num_buckets": 1, "distributed.heartbeat_timeout_s": HEARTBEAT_S, "mesh.data": 1, "mesh.tensor": 2}
 COMPARED = ("val_accuracy", "val_loss", "train_loss")
 
 
-def launch(args, xla_flags="", overrides=OVERRIDES):
+def launch(args, fsdp, xla_flags=""):
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             WORKER_OVERRIDES=json.dumps(overrides))
+             WORKER_OVERRIDES=json.dumps({**OVERRIDES, "mesh.fsdp": fsdp}))
   return subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable, WORKER, *args], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def launch_pair(workdir):
+def launch_job(workdir, processes=2):
+  """One job of `processes` x 1 device, mesh data=1 x fsdp=processes/2 x tensor=2: processes 2i and 2i+1 form
+  tensor group i, and both need its rows."""
   port = str(free_port())
-  return [launch([str(workdir), str(i), port]) for i in range(2)]
+  return [launch([str(workdir), str(i), port, str(processes)], processes // 2) for i in range(processes)]
+
+
+def launch_single(workdir, devices):
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  return result(launch([str(workdir), "single"], devices // 2, flags))
 
 
 def result(proc, expected_rc=0):
@@ -51,7 +64,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def wait_for_step(workdir, step, procs, timeout=180):
+def wait_for_step(workdir, step, procs, timeout=240):
   """Waits until process 0 logged a training row at or past `step`."""
   path, deadline = workdir / "metrics.jsonl", time.time() + timeout
   while time.time() < deadline:
@@ -64,40 +77,37 @@ def wait_for_step(workdir, step, procs, timeout=180):
   raise AssertionError(f"no progress to step {step} in {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("multi")
-  return workdir, [result(w) for w in launch_pair(workdir)]
+def test_four_processes_on_spanning_tensor_groups_equal_one_process(tmp_path):
+  four = [result(w) for w in launch_job(tmp_path / "four", processes=4)]
+  single = launch_single(tmp_path / "single", 4)
 
-
-def test_two_processes_equal_one_process_with_two_devices(uninterrupted, tmp_path):
-  multi_dir, multi = uninterrupted
-  single = result(launch([str(tmp_path / "single"), "single"], "--xla_force_host_platform_device_count=2"))
-
-  assert [(m["process_index"], m["process_count"], m["devices"]) for m in multi] == [(0, 2, 2), (1, 2, 2)]
-  assert (single["process_count"], single["devices"]) == (1, 2)
-  assert "2 process(es)" in multi[0]["mesh"] and "data=2" in multi[0]["mesh"]
+  assert [(m["process_index"], m["process_count"], m["devices"]) for m in four] == [(i, 4, 4) for i in range(4)]
+  assert (single["process_count"], single["devices"]) == (1, 4)
+  assert "data=1 x fsdp=2 x tensor=2 on 4 cpu device(s), 4 process(es)" in four[0]["mesh"], four[0]["mesh"]
   # Only process 0 writes the summary; every process computes the same (replicated) metrics.
-  with open(os.path.join(multi_dir, "metrics.json")) as f:
+  with open(tmp_path / "four" / "metrics.json") as f:
     written = json.load(f)
   for key in COMPARED:
-    assert written[key] == multi[0][key] == multi[1][key], key
-    np.testing.assert_allclose(written[key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert written[key] == four[0][key] and len({m[key] for m in four}) == 1, key
+    np.testing.assert_allclose(four[0][key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # The BPE is trained once per job, on host 0; the others loaded its copy, which is gone once all had it.
+  assert [m["bpe_trained"] for m in four] == [1, 0, 0, 0] and single["bpe_trained"] == 1
+  assert (tmp_path / "four" / "tokenizer" / "tokenizer.json").is_file()
+  assert not (tmp_path / "four" / "tokenizer.trained").exists()
 
 
-def test_sigterm_to_one_host_stops_all_together_and_kill_9_does_not_hang(uninterrupted, tmp_path):
-  _, reference = uninterrupted
+def test_sigterm_stops_all_kill_9_does_not_hang_and_resume_reads_metrics_on_host_0(tmp_path):
   workdir = tmp_path / "interrupted"
 
   # A preemption notice reaches one host only: the preemption service picks a step, and both stop there.
-  procs = launch_pair(workdir)
+  procs = launch_job(workdir)
   wait_for_step(workdir, 4, procs)
   procs[1].send_signal(signal.SIGTERM)  # `timeout` passes it on to the worker.
   stopped = [result(p, expected_rc=4) for p in procs]
   assert stopped[0]["stopped_at"] == stopped[1]["stopped_at"] < OVERRIDES["train.num_steps"], stopped
 
   # The coordinator host dies without a word: the other one must not wait in a collective until the end of time.
-  procs = launch_pair(workdir)
+  procs = launch_job(workdir)
   wait_for_step(workdir, stopped[0]["stopped_at"] + 4, procs)
   # The Popen is `timeout`; its child is the worker itself.
   os.kill(int(subprocess.check_output(["pgrep", "-P", str(procs[0].pid)]).split()[0]), signal.SIGKILL)
@@ -109,7 +119,20 @@ def test_sigterm_to_one_host_stops_all_together_and_kill_9_does_not_hang(uninter
   assert "stopped sending heartbeats" in err or "another task died" in err, err[-2000:]
   procs[0].communicate()
 
-  # Re-running both resumes from the last complete checkpoint and ends exactly where an uninterrupted run ends.
-  resumed = [result(p) for p in launch_pair(workdir)]
+  # A long history past the last checkpoint (~12 MB), as a long run leaves: host 0 reads and rewrites it while
+  # the other host waits for its rows, so no host can read it half rewritten.
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.writelines(json.dumps({"kind": "train", "step": 10_000 + i, "loss": 0.5, "note": "x" * 80}) + "\n"
+                 for i in range(100_000))
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"kind": "train", "step": 99')  # The last write of a killed process, cut short.
+
+  # Re-running both resumes from the last complete checkpoint and ends where an uninterrupted run ends.
+  resumed = [result(p) for p in launch_job(workdir)]
+  single = launch_single(tmp_path / "single", 2)
+  assert [m["bpe_trained"] for m in resumed] == [1, 0] and "2 process(es)" in resumed[0]["mesh"]
   for key in COMPARED:
-    assert resumed[0][key] == resumed[1][key] == reference[0][key], key
+    assert resumed[0][key] == resumed[1][key], key
+    np.testing.assert_allclose(resumed[0][key], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert max(steps) == OVERRIDES["train.num_steps"] and len(steps) < 100, steps[-5:]  # The rows past it are gone.

@@ -98,7 +98,8 @@ def test_rows_barely_wider_than_the_longest_sequence_pack_worse(enc):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_each_host_lays_out_only_its_groups(enc, packed):
-  """Two hosts' halves, each collated alone, are the global batch's halves: same shapes, same values."""
+  """A host's rows (contiguous, or several blocks when a tensor group spans hosts), collated alone, are those rows
+  of the global batch: same shapes, same values."""
   indices = np.arange(16)
   if packed:
     layout = pipeline.PackedLayout(64, 4, 16, pad_id=0)
@@ -106,8 +107,8 @@ def test_each_host_lays_out_only_its_groups(enc, packed):
   else:
     layout = pipeline.BucketedLayout([32, 64], 0)
   whole = layout.collate(enc, indices, np.ones(16))
-  for host in range(2):
-    rows = pipeline.host_rows(layout.groups_of(16), host, 2)
+  groups = layout.groups_of(16)
+  for rows in (np.arange(groups // 2), np.arange(groups // 2, groups), np.r_[0:groups // 4, groups // 2:groups * 3 // 4]):
     mine = layout.collate(enc, indices, np.ones(16), rows)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(whole), strict=True):
       np.testing.assert_array_equal(a, b[rows])

@@ -1,6 +1,8 @@
 """Buckets, the training plan and evaluation batches."""
 
+import jax
 import numpy as np
+import pytest
 
 from jaxreward import pipeline, synthetic, tokenizer
 
@@ -30,7 +32,7 @@ def test_plan_is_deterministic_covers_each_epoch_and_sorts_windows():
 
 def test_eval_batches_cover_every_pair_once():
   enc = tokenizer.encode(PAIRS[:37], bpe(), 64, "keep_end")
-  evaluation = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0, 0, 1)
+  evaluation = pipeline.eval_batches(enc, np.arange(37), 16, [32, 64], 0)
   batches = evaluation.batches
   assert len(batches) == 3 and sum(b.weight_GxB.sum() for b in batches) == 37
   assert all(b.tokens_GxRxL.shape[:2] == (16, 2) for b in batches)
@@ -39,3 +41,37 @@ def test_eval_batches_cover_every_pair_once():
   first = batches[0]
   i = int(evaluation.positions[0])
   np.testing.assert_array_equal(first.tokens_GxRxL[0, 0, :len(enc.ids[i][0])], enc.ids[i][0])
+
+
+def test_device_batch_on_a_permuted_mesh_is_the_global_batch():
+  """`on_device` puts each device's rows where the mesh says, however devices are ordered (a tensor group may
+  span hosts on a pod); the start-up check accepts it and names the field and rows when a device would get
+  other values."""
+  enc = tokenizer.encode(PAIRS, bpe(), 64, "keep_end")
+  devices = np.array(jax.devices()[:8])[[0, 4, 1, 5, 2, 6, 3, 7]]
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=list(devices))
+  where = pipeline.Batch.sharding(mesh, (("batch", ("data", "fsdp")),))
+  plan = pipeline.TrainPlan(enc, 16, 4, seed=0)
+  for layout in (pipeline.BucketedLayout([32, 64], 0), pipeline.PackedLayout(64, 4, 16, 0)):
+    if isinstance(layout, pipeline.PackedLayout):
+      layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 2)
+    groups = layout.groups_of(16)
+    np.testing.assert_array_equal(pipeline.host_rows(where, groups), np.arange(groups))  # One process: all.
+    assert pipeline.global_leading(where, groups) == groups
+    host = next(iter(pipeline.train_dataset(plan, 1, layout, where)))
+    placed = host.on_device(where)
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host), strict=True):
+      assert a.sharding == where
+      np.testing.assert_array_equal(np.asarray(a), b)
+      for shard in a.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index])
+    pipeline.check_host_rows(plan, layout, where)
+
+  class Shifted(pipeline.BucketedLayout):  # Lays out the whole batch right, but any part of it one token off.
+    def collate(self, enc, indices, weight, rows=slice(None)):
+      batch = super().collate(enc, indices, weight, rows)
+      return batch if isinstance(rows, np.ndarray) else batch.replace(tokens_GxRxL=batch.tokens_GxRxL + 1)
+
+  with pytest.raises(pipeline.ConfigError, match=r"other values of \.tokens_GxRxL rows 0\.\.3 of batch 0"):
+    pipeline.check_host_rows(plan, Shifted([32, 64], 0), where)

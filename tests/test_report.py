@@ -4,6 +4,7 @@ import json
 import os
 import struct
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from jaxreward import report
@@ -48,6 +49,31 @@ def test_resume_drops_rows_past_the_restored_step(tmp_path):
   assert [r["step"] for r in resumed.rows] == [1, 2]
   resumed.close()
   assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_tolerates_a_last_line_cut_short(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
+  resumed = report.MetricsLog(str(tmp_path), 5, enabled=True)
+  resumed.close()
+  assert [r["step"] for r in resumed.rows] == [1, 2]
+  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+  (tmp_path / "metrics.jsonl").write_text('{"kind": "tr\n{"kind": "train", "step": 2}\n')
+  with pytest.raises(report.ConfigError, match=r"metrics.jsonl:1: not a JSON row"):
+    report.MetricsLog(str(tmp_path), 5, enabled=True)
+
+
+def test_other_hosts_take_host_0s_rows_and_never_read_the_file(tmp_path, monkeypatch):
+  """With several hosts, host 1 gets the rows host 0 kept (a collective after host 0's rewrite), even while the
+  file on disk is half written."""
+  (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "st')
+  kept = [{"kind": "eval", "step": 2, "val_accuracy": 0.75}]
+  sent = []
+  monkeypatch.setattr(report.hosts, "several", lambda: True)
+  monkeypatch.setattr(report.hosts, "is_main", lambda: False)
+  monkeypatch.setattr(report.hosts, "from_main", lambda data: sent.append(data) or json.dumps(kept).encode())
+  other = report.MetricsLog(str(tmp_path), 2, enabled=False)
+  assert other.rows == kept and other.evals() == kept and sent == [None]
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"kind": "train", "st'
 
 
 def test_disabled_log_writes_nothing(tmp_path):

@@ -50,7 +50,7 @@ def _run_steps(mesh_config, num_steps=5, packed=False):
     layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 4)
   else:
     layout = pipeline.BucketedLayout([32, 64], tok.pad_token_id)
-  it = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
+  it = iter(pipeline.train_dataset(plan, num_steps, layout, trainer.batch_sharding))
   losses = []
   for _ in range(num_steps):
     metrics = trainer.step(next(it))

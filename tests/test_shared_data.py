@@ -78,10 +78,10 @@ def test_packing_keeps_padding_under_15_percent_on_ethics():
   config.data.train_path = str(require_shared_data() / "ethics_util_train.jsonl")
   prepared = corpus.prepare(config, lambda message: None)
   plan = pipeline.make_plan(config, prepared.train)
-  layout, _ = pipeline.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
+  layout, _ = pipeline.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id)
   packed = [plan.padding_fraction(epoch, layout) for epoch in range(3)]
   assert max(packed) < 0.15, packed
   config.data.packing = False
   sorted_plan = pipeline.make_plan(config, prepared.train)
-  bucketed, _ = pipeline.make_layout(config, sorted_plan, 1, prepared.tokenizer.pad_token_id, 0, 1)
+  bucketed, _ = pipeline.make_layout(config, sorted_plan, 1, prepared.tokenizer.pad_token_id)
   assert sorted_plan.padding_fraction(0, bucketed) > 2 * max(packed)

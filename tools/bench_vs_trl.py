@@ -182,7 +182,7 @@ def _jax_child(workdir: str) -> dict:
   num_steps = plan.batches_per_epoch
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  layout, _ = pipeline.make_layout(config, plan, batch_shards, tok.pad_token_id, 0, 1)
+  layout, _ = pipeline.make_layout(config, plan, batch_shards, tok.pad_token_id)
   model_cfg = model_lib.ModelConfig.from_config(config.model, tokenizer_lib.vocab_size(tok))
   trainer = state.Trainer(model_cfg, t, mesh, rule_table, num_steps)
   jax.block_until_ready(trainer.state)
@@ -206,7 +206,7 @@ def _jax_child(workdir: str) -> dict:
   padded = real = 0
   ends, pending = [], None
   start = time.perf_counter()
-  iterator = iter(pipeline.train_dataset(plan, num_steps, layout, 0, 1))
+  iterator = iter(pipeline.train_dataset(plan, num_steps, layout))
   for _ in range(num_steps):
     batch = next(iterator)
     padded += batch.tokens_GxRxL.size
