@@ -34,6 +34,7 @@ COMPARED = ("val_accuracy", "val_loss", "train_loss")
 
 def launch(args, fsdp, xla_flags=""):
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR="",  # A cache hit on one host and a compile on another time out gloo.
              WORKER_OVERRIDES=json.dumps({**OVERRIDES, "mesh.fsdp": fsdp}))
   return subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable, WORKER, *args], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -127,6 +127,7 @@ def test_two_hosts_read_only_their_slices_and_export_gathered(tmp_path):
   hf.write_weights(model, source, max_shard_bytes=20_000)
   port = str(_free_port())
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR="",  # A cache hit on one host and a compile on another time out gloo.
              MODEL_CFG=json.dumps(dataclasses.asdict(CFG)))
   procs = [subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable,
                              str(ROOT / "tests" / "weights_worker.py"), source, str(tmp_path / "out"), str(i), port],
