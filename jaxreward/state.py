@@ -61,7 +61,8 @@ def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: i
 
 def batch_rewards(model, batch: pipeline.Batch):
   """(r_Bx2, weight_B, margin_B) of a batch, packed or not: the one path from a batch to the loss."""
-  r_Bx2 = model.score(batch.tokens_GxRxL, batch.ends_GxBxP, batch.positions_GxRxL, batch.segments_GxRxL)
+  r_Bx2 = model.score(batch.tokens_GxRxL, batch.ends_GxBxP, batch.positions_GxRxL, batch.segments_GxRxL,
+                      batch.branches_GxRxL)
   return r_Bx2.reshape(-1, 2), batch.weight_GxB.reshape(-1), batch.margin_GxB.reshape(-1)
 
 
