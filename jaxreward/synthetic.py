@@ -109,12 +109,12 @@ def _ranked_compare(rng, k: int) -> dict:
   return {"prompt": prompt, "responses": [chosen, rejected], "scores": [1, 0]}
 
 
-def generate_ranked(num_pairs: int, responses: int, seed: int) -> list[Pair]:
-  """Ranked groups of up to `responses` answers per prompt, as pairs, until there are `num_pairs` of them."""
+def ranked_rows(responses: int, seed: int):
+  """Endless distinct ranked lines (data.parse_ranked's format) of up to `responses` answers per prompt."""
   rng = np.random.default_rng(seed)
   makers = {"compare": _ranked_compare, "maximum": _ranked_maximum, "category": _ranked_category}
-  pairs, seen, lines = [], set(), 0
-  while len(pairs) < num_pairs:
+  seen, lines = set(), 0
+  while True:
     kind = KINDS[lines % len(KINDS)]
     row = makers[kind](rng, responses)
     key = (row["prompt"], tuple(row["responses"]))
@@ -122,8 +122,15 @@ def generate_ranked(num_pairs: int, responses: int, seed: int) -> list[Pair]:
       continue
     seen.add(key)
     lines += 1
-    row["prompt"] += "\nAnswer:"
+    yield dict(row, prompt=row["prompt"] + "\nAnswer:", category=kind)
+
+
+def generate_ranked(num_pairs: int, responses: int, seed: int) -> list[Pair]:
+  """The pairs of `ranked_rows`' lines, until there are `num_pairs` of them."""
+  pairs = []
+  for line, row in enumerate(ranked_rows(responses, seed), 1):
     for pair in parse_ranked(row)[0][:num_pairs - len(pairs)]:
-      pair.extra, pair.where = {"category": kind}, f"synthetic:{lines}"
+      pair.where = f"synthetic:{line}"
       pairs.append(pair)
-  return pairs
+    if len(pairs) == num_pairs:
+      return pairs

@@ -94,3 +94,22 @@ def test_hosts_lay_out_only_their_groups(enc):
   rows = pipeline.host_rows(4, 1, 2)
   for a, b in zip(jax.tree.leaves(layout.collate(enc, indices, np.ones(16), rows)), jax.tree.leaves(whole)):
     np.testing.assert_array_equal(a, b[rows])
+
+
+def test_ranked_file_trains_as_trees_and_evaluates(tmp_path):
+  """A ranked JSONL (ties included) through the whole job with group_by_prompt, then jaxreward-evaluate."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  from jaxreward import evaluate, train  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "ranked.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in itertools.islice(synthetic.ranked_rows(4, 0), 80)))
+  config = load_config("tiny")
+  config.mesh.data = 1
+  config.data.train_path, config.data.group_by_prompt = str(path), True
+  config.train.num_steps, config.train.eval_every = 6, 6
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["tie_pairs_skipped"] > 0 and np.isfinite(summary["val_loss"])
+  assert 0 < summary["padding_fraction"] < 1
+  result = evaluate.evaluate_file(str(tmp_path / "run"), str(path))
+  assert result["meta"]["pairs_scored"] == summary["train_pairs"] + summary["val_pairs"]
