@@ -89,6 +89,10 @@ def defaults() -> ml_collections.ConfigDict:
   t.adam_b1 = 0.9  # Adam first-moment decay.
   t.adam_b2 = 0.95  # Adam second-moment decay.
   t.adam_eps = 1e-8  # Adam epsilon.
+  # bradley_terry: -log σ(r_w - r_l - margin) per pair. plackett_luce: per winning response, -log of it being
+  # chosen over everything it beats (loss.plackett_luce_losses): a ranked line's PL likelihood where its
+  # responses share a prompt tree (data.group_by_prompt), Bradley-Terry otherwise; evaluation stays pairwise BT.
+  t.loss = "bradley_terry"
   t.center_rewards_coef = 0.0  # coef·(r_c + r_r)² keeps rewards centred for RL (TRL: 0.01); 0 disables.
   t.eval_every = 100  # Steps between validation (and checkpoint) points; the last step always evaluates.
   t.log_every = 10  # Steps between rows of metrics.jsonl.
@@ -152,6 +156,7 @@ _CHOICES = {
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "attention"): ("auto", "xla", "cudnn", "splash", "blockwise"),
     ("train", "schedule"): ("cosine", "linear", "constant"),
+    ("train", "loss"): ("bradley_terry", "plackett_luce"),
     ("train", "nan_policy"): ("stop", "skip"),
     ("train", "resume"): ("auto", "force"),
     ("distributed", "initialize"): ("auto", "yes", "no"),

@@ -81,6 +81,8 @@ def test_graph_loss_and_gradients_equal_the_pairs(enc, model):
     return loss.batch_sums(*state.batch_rewards(nnx.merge(graphdef, p), batch))["loss"]
 
   (lg, gg), (lp, gp) = (jax.jit(jax.value_and_grad(summed))(params, b) for b in (graph, packed))
+  # Plackett-Luce sees a response that wins several pairs as one winner only where the trees share it.
+  assert len(set(np.asarray(state.winners(graph)).tolist())) < 32 == len(set(np.asarray(state.winners(packed)).tolist()))
   np.testing.assert_allclose(lg, lp, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gp), strict=True):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)  # Sums over 32 pairs of fp32 terms.
@@ -97,7 +99,7 @@ def test_hosts_lay_out_only_their_groups(enc):
 
 
 def test_ranked_file_trains_as_trees_and_evaluates(tmp_path):
-  """A ranked JSONL (ties included) through the whole job with group_by_prompt, then jaxreward-evaluate."""
+  """A ranked JSONL (ties included) through the whole job as trees with the PL loss, then jaxreward-evaluate."""
   import itertools  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
@@ -106,7 +108,7 @@ def test_ranked_file_trains_as_trees_and_evaluates(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in itertools.islice(synthetic.ranked_rows(4, 0), 80)))
   config = load_config("tiny")
   config.mesh.data = 1
-  config.data.train_path, config.data.group_by_prompt = str(path), True
+  config.data.train_path, config.data.group_by_prompt, config.train.loss = str(path), True, "plackett_luce"
   config.train.num_steps, config.train.eval_every = 6, 6
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert summary["tie_pairs_skipped"] > 0 and np.isfinite(summary["val_loss"])
