@@ -1,5 +1,7 @@
 """Prompt trees: every response scored exactly as alone, and the loss and its gradients those of the pairs."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -51,11 +53,16 @@ def graph_and_pair_batches(enc, indices):
   return graph.collate(enc, indices, weight), packed.collate(enc, indices, weight), graph, packed
 
 
-def test_tree_rewards_equal_each_sequence_scored_alone(enc, model):
+@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+def test_tree_rewards_equal_each_sequence_scored_alone(enc, model, attention):
   indices = np.arange(len(enc))[:32]
   graph, _, layout, packed = graph_and_pair_batches(enc, indices)
   assert graph.branches_GxRxL.max() >= 4, "some prompt has several responses in one tree"
   assert layout.computed_tokens(enc, indices) < 0.6 * packed.computed_tokens(enc, indices)
+  if attention != "xla":  # The same weights through another kernel.
+    with nnx.use_eager_sharding(False):
+      model = nnx.merge(nnx.graphdef(model_lib.RewardModel(dataclasses.replace(CFG, attention=attention),
+                                                          nnx.Rngs(0))), nnx.state(model))
   score = nnx.jit(lambda m, *a: m.score(*a))
   r_GxBxP = score(model, graph.tokens_GxRxL, graph.ends_GxBxP, graph.positions_GxRxL, graph.segments_GxRxL,
                   graph.branches_GxRxL)
