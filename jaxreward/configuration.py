@@ -30,9 +30,12 @@ def defaults() -> ml_collections.ConfigDict:
   d.train_path = ""  # Preference JSONL (or .json / .jsonl.gz); "" trains on the embedded synthetic task.
   d.validation_path = ""  # Optional explicit validation file; "" splits train_path 80/20 grouped by prompt.
   d.validation_fraction = 0.2  # Share of prompts held out when no validation_path is given.
-  d.format = "auto"  # auto | explicit | implicit (HH-RLHF transcripts) | conversational (role/content lists).
+  d.format = "auto"  # auto | explicit | implicit (HH-RLHF transcripts) | conversational (role/content lists) | ranked.
   d.on_bad_line = "error"  # error: stop at the first bad line with file:line; skip: count and report it.
   d.synthetic_pairs = 2400  # Size of the embedded synthetic task (train + validation).
+  # Responses per synthetic prompt: 2 gives pairs; more gives ranked groups (synthetic.generate_ranked), best
+  # trained with group_by_prompt.
+  d.synthetic_responses = 2
   d.tokenizer = ""  # HF tokenizer folder; "" trains a byte-level BPE on the training texts.
   d.vocab_size = 2048  # Vocabulary of the trained BPE tokenizer (ignored with a tokenizer folder).
   d.max_length = 128  # Tokens per sequence (prompt + response + EOS).
@@ -42,6 +45,10 @@ def defaults() -> ml_collections.ConfigDict:
   # max_length waste less at their ends (ETHICS, small's BPE tokenizer, max_length 32, batch 8, 2 buckets:
   # 22.6% padding with rows of 32 -> 15.8% with rows of 64).
   d.pack_length = 0
+  # Lay each batch out as prompt trees (graphs.py): a prompt once, each of its distinct responses once, every
+  # pair an edge between two of them; the plan keeps a prompt's pairs together. Same loss and metrics; far
+  # fewer tokens where prompts have several pairs or pairs share responses (ranked files, PandaLM).
+  d.group_by_prompt = False
   d.num_buckets = 8  # Padded shapes: lengths max_length·k/num_buckets (rounded to 8), or packed row counts.
   d.sort_window = 32  # Without packing: batches per window sorted by length before batching (1 = no sorting).
   d.min_pairs = 1000  # Warn below this many usable pairs (also 80% / 20% of it for train / validation).
@@ -82,6 +89,10 @@ def defaults() -> ml_collections.ConfigDict:
   t.adam_b1 = 0.9  # Adam first-moment decay.
   t.adam_b2 = 0.95  # Adam second-moment decay.
   t.adam_eps = 1e-8  # Adam epsilon.
+  # bradley_terry: -log σ(r_w - r_l - margin) per pair. plackett_luce: per winning response, -log of it being
+  # chosen over everything it beats (loss.plackett_luce_losses): a ranked line's PL likelihood where its
+  # responses share a prompt tree (data.group_by_prompt), Bradley-Terry otherwise; evaluation stays pairwise BT.
+  t.loss = "bradley_terry"
   t.center_rewards_coef = 0.0  # coef·(r_c + r_r)² keeps rewards centred for RL (TRL: 0.01); 0 disables.
   t.eval_every = 100  # Steps between validation (and checkpoint) points; the last step always evaluates.
   t.log_every = 10  # Steps between rows of metrics.jsonl.
@@ -138,13 +149,14 @@ def defaults() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     ("data", "source"): ("jsonl", "tfds"),
-    ("data", "format"): ("auto", "explicit", "implicit", "conversational"),
+    ("data", "format"): ("auto", "explicit", "implicit", "conversational", "ranked"),
     ("data", "on_bad_line"): ("error", "skip"),
     ("data", "truncation"): ("keep_end", "drop"),
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "attention"): ("auto", "xla", "cudnn", "splash", "blockwise"),
     ("train", "schedule"): ("cosine", "linear", "constant"),
+    ("train", "loss"): ("bradley_terry", "plackett_luce"),
     ("train", "nan_policy"): ("stop", "skip"),
     ("train", "resume"): ("auto", "force"),
     ("distributed", "initialize"): ("auto", "yes", "no"),
@@ -241,6 +253,8 @@ def validate(config) -> None:
     raise ConfigError("config: train.num_steps must be > 0, or train.num_epochs > 0 with num_steps = 0")
   if d.max_length % 8 or d.max_length < 8 * d.num_buckets:
     raise ConfigError(f"config: data.max_length={d.max_length}; expected a multiple of 8 and >= 8·num_buckets")
+  if d.synthetic_responses < 2:
+    raise ConfigError(f"config: data.synthetic_responses={d.synthetic_responses}; expected 2 or more")
   if d.pack_length and (d.pack_length % 8 or d.pack_length < d.max_length):
     raise ConfigError(f"config: data.pack_length={d.pack_length}; expected 0 or a multiple of 8 >= data.max_length "
                       f"({d.max_length})")
@@ -253,7 +267,7 @@ def validate(config) -> None:
                         "head_dim (or set model.head_dim)")
   if m.attention == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError("config: model.attention='cudnn' needs model.dtype='bfloat16'")
-  if m.attention == "cudnn" and d.packing:
+  if m.attention == "cudnn" and (d.packing or d.group_by_prompt):
     # cuDNN's fused kernel takes the segment mask only as a dense bias; not verified on a GPU yet.
     raise ConfigError("config: data.packing needs model.attention='xla' (cudnn is not supported with packed rows); "
                       "set data.packing=False or model.attention='xla'")

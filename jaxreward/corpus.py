@@ -34,12 +34,15 @@ def prepare(config, log, workdir: str | None = None) -> PreparedData:
   A BPE tokenizer to train is trained by host 0 alone and handed to the others through `workdir`."""
   d, seed = config.data, config.train.seed
   stats = {"bad_lines_skipped": 0, "skip_reasons": [], "duplicates_removed": 0, "leaks_removed": 0,
-           "one_empty_response_kept": 0}
+           "one_empty_response_kept": 0, "tie_pairs_skipped": 0}
 
   def account(pairs, rep):
     stats["bad_lines_skipped"] += rep.skipped
     stats["skip_reasons"] += rep.skip_reasons
     stats["one_empty_response_kept"] += rep.one_empty
+    stats["tie_pairs_skipped"] += rep.tie_pairs
+    if rep.tie_pairs:
+      log(f"data: {rep.tie_pairs} tied response pairs of ranked lines in {rep.path} are no comparison: not trained on")
     if rep.skipped:
       log(f"data: skipped {rep.skipped} bad lines of {rep.path}; first: {'; '.join(rep.skip_reasons[:3])}")
     if rep.one_empty:
@@ -60,7 +63,9 @@ def prepare(config, log, workdir: str | None = None) -> PreparedData:
     train_read = val_read = None
 
   if train_read is None:
-    train_pairs, val_pairs = split(synthetic.generate(d.synthetic_pairs, seed), d.validation_fraction, seed)
+    made = (synthetic.generate(d.synthetic_pairs, seed) if d.synthetic_responses == 2 else
+            synthetic.generate_ranked(d.synthetic_pairs, d.synthetic_responses, seed))
+    train_pairs, val_pairs = split(made, d.validation_fraction, seed)
   else:
     all_pairs, stats["duplicates_removed"] = deduplicate(train_read)
     if val_read is not None:

@@ -5,6 +5,10 @@ Three layouts are read, detected per line unless `data.format` fixes one:
 - implicit:       {"chosen": str, "rejected": str} holding whole HH-RLHF transcripts; the prompt is the
                   shared prefix up to and including the last "\\n\\nAssistant:".
 - conversational: {"prompt": [{"role", "content"}...], "chosen": [assistant messages] or str, "rejected": ...}
+- ranked:         {"prompt", "responses": [str or messages, ...], "scores": [number, ...]} (higher is better)
+                  or "ranking": [int, ...] (1 is best) instead of "scores"; equal values are ties. A line gives
+                  one pair per two responses that differ (the edges of its comparison graph); a tied pair is
+                  no comparison and is only counted (LoadReport.tie_pairs).
 An optional numeric "margin" is kept for the margin loss, and any other field (e.g. "category") is
 kept in `Pair.extra` for error analysis. Files may be .jsonl, .jsonl.gz, a .json array (or .json.gz); a
 .json file that does not start with "[" is read as JSONL (HF `Dataset.to_json` writes JSONL under .json).
@@ -70,6 +74,7 @@ class LoadReport:
   skip_reasons: list = dataclasses.field(default_factory=list)
   formats: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   one_empty: int = 0  # Pairs kept with one empty response.
+  tie_pairs: int = 0  # Tied response pairs of ranked lines (no comparison, not trained on).
 
 
 class BadLine(Exception):
@@ -210,6 +215,55 @@ def parse_row(row, fmt: str) -> tuple[Pair, str]:
     raise BadLine(f"key 'margin' must be a finite number, got {margin!r}")
   extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
   return Pair(prompt, chosen, rejected, float(margin), extra), kind
+
+
+def parse_ranked(row: dict) -> tuple[list[Pair], int]:
+  """A ranked line -> (its pairs, better response first, in response order; the number of tied pairs)."""
+  if "prompt" not in row:
+    raise BadLine("missing key 'prompt'")
+  conversational = isinstance(row["prompt"], list)
+  responses = row["responses"]
+  if not isinstance(responses, list) or len(responses) < 2:
+    raise BadLine(f"key 'responses' must be an array of at least 2 responses, got {_json_type(responses)}"
+                  + (f" of {len(responses)}" if isinstance(responses, list) else ""))
+  keys = [k for k in ("scores", "ranking") if k in row]
+  if len(keys) != 1:
+    raise BadLine("a ranked line needs exactly one of 'scores' (higher is better) or 'ranking' (1 is best)")
+  key, values = keys[0], row[keys[0]]
+  if not isinstance(values, list) or len(values) != len(responses):
+    raise BadLine(f"key {key!r} must be an array of {len(responses)} numbers (one per response), got "
+                  f"{_json_type(values)}" + (f" of {len(values)}" if isinstance(values, list) else ""))
+  for i, v in enumerate(values):
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not number or (key == "ranking" and (not isinstance(v, int) or v < 1)):
+      raise BadLine(f"{key}[{i}] must be a {'finite number' if key == 'scores' else 'rank >= 1'}, got {v!r}")
+  if conversational or any(isinstance(r, list) for r in responses):
+    prompt = _messages(row["prompt"], "prompt", assistant_only=False)
+    parsed = [_messages(r, f"responses[{i}]", assistant_only=True, allow_empty=True) for i, r in enumerate(responses)]
+  else:
+    if not isinstance(row["prompt"], str):
+      raise BadLine(f"key 'prompt' must be a string or an array of messages, got {_json_type(row['prompt'])}")
+    prompt = row["prompt"]
+    parsed = [_text(r, f"responses[{i}]", allow_empty=True) for i, r in enumerate(responses)]
+  empty = [i for i, r in enumerate(parsed) if not response_text(r).strip()]
+  if len(empty) > 1:
+    raise BadLine(f"responses {empty[0]} and {empty[1]} are both empty or whitespace-only")
+  for i in range(len(parsed)):
+    if parsed[i] in parsed[:i]:
+      raise BadLine(f"responses[{i}] repeats responses[{parsed.index(parsed[i])}]")
+  better = (lambda a, b: a > b) if key == "scores" else (lambda a, b: a < b)
+  extra = {k: v for k, v in row.items() if k not in ("prompt", "responses", "scores", "ranking")}
+  pairs, ties = [], 0
+  for i in range(len(parsed)):
+    for j in range(i + 1, len(parsed)):
+      if values[i] == values[j]:
+        ties += 1
+        continue
+      win, lose = (i, j) if better(values[i], values[j]) else (j, i)
+      pairs.append(Pair(prompt, parsed[win], parsed[lose], 0.0, dict(extra)))
+  if not pairs:
+    raise BadLine(f"every response has the same {key[:-1] if key == 'scores' else key}: no comparison")
+  return pairs, ties
 
 
 def _decode_json(text: str):
@@ -354,7 +408,14 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
     try:
       if isinstance(row, BadLine):
         raise row
-      pair, kind = parse_row(row, fmt)
+      if fmt == "ranked" or (fmt == "auto" and isinstance(row, dict) and "responses" in row):
+        if not isinstance(row, dict) or "responses" not in row:
+          raise BadLine("data.format=ranked but the line has no 'responses'" if isinstance(row, dict) else
+                        f"expected a JSON object, got {_json_type(row)}")
+        (line_pairs, ties), kind = parse_ranked(row), "ranked"
+      else:
+        (pair, kind), ties = parse_row(row, fmt), 0
+        line_pairs = [pair]
     except BadLine as e:
       if on_bad_line == "error":
         raise ConfigError(f"data: {where}: {e} (set data.on_bad_line=skip to skip such lines)") from None
@@ -362,10 +423,12 @@ def load_pairs(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tupl
       if len(report.skip_reasons) < SHOWN_SKIP_REASONS:
         report.skip_reasons.append(f"{where}: {e}")
       continue
-    pair.where = where
     report.formats[kind] += 1
-    report.one_empty += not (response_text(pair.chosen).strip() and response_text(pair.rejected).strip())
-    pairs.append(pair)
+    report.tie_pairs += ties
+    for pair in line_pairs:
+      pair.where = where
+      report.one_empty += not (response_text(pair.chosen).strip() and response_text(pair.rejected).strip())
+      pairs.append(pair)
   if report.lines == 0:
     raise ConfigError(f"data: {path}: the file is empty (no pairs)")
   if not pairs:

@@ -24,15 +24,35 @@ def pair_losses(r_Bx2, margin_B, center_coef: float = 0.0):
   return loss_B, diff_B
 
 
+def plackett_luce_losses(r_Bx2, winner_B):
+  """Per pair, its share of the Plackett-Luce loss of its winner: -(r_w - logsumexp(r_w, r of every response w
+  beats in the batch)) / (pairs w wins), so the pairs' sum is the sum over winners (`winner_B`: equal ids for
+  the pairs of one winner response). On a full ranking (each response beats every lower one) that sum is the
+  ranking's PL negative log-likelihood; a single pair per winner gives exactly the Bradley-Terry loss. Responses
+  count as one only where the layout shares them (GraphLayout's prompt trees), so PL acts on whole groups there
+  and is BT elsewhere. Margins do not enter."""
+  same_BxB = winner_B[:, None] == winner_B[None, :]
+  r_loser_BxB = jnp.where(same_BxB, r_Bx2[None, :, 1], -jnp.inf)
+  lse_B = jnp.logaddexp(r_Bx2[:, 0], jax.nn.logsumexp(r_loser_BxB, axis=1))
+  return -(r_Bx2[:, 0] - lse_B) / jnp.sum(same_BxB, axis=1)
+
+
 def correct(diff_B, xp=jnp):
   """1 right, 0 wrong, 0.5 for a tie (an untrained model that scores everything equal sits at the 50% baseline).
   The one tie rule of training, analysis and scoring: `xp` is jax.numpy or numpy."""
   return xp.where(diff_B > 0, 1.0, xp.where(diff_B == 0, 0.5, 0.0))
 
 
-def batch_sums(r_Bx2, weight_B, margin_B, center_coef: float = 0.0) -> dict:
-  """Weighted sums over the batch; `finalize` turns them into means."""
+def batch_sums(r_Bx2, weight_B, margin_B, center_coef: float = 0.0, winner_B=None) -> dict:
+  """Weighted sums over the batch; `finalize` turns them into means. With `winner_B` the loss is Plackett-Luce's
+  (plackett_luce_losses), the statistics stay pairwise."""
   loss_B, diff_B = pair_losses(r_Bx2, margin_B, center_coef)
+  if winner_B is not None:
+    # Filler pairs (weight 0) must not join a real winner's set.
+    winner_B = jnp.where(weight_B > 0, winner_B, -1 - jnp.arange(winner_B.shape[0]))
+    loss_B = plackett_luce_losses(r_Bx2, winner_B)
+    if center_coef:
+      loss_B = loss_B + center_coef * jnp.sum(r_Bx2, axis=1) ** 2
   w_B = weight_B.astype(jnp.float32)
   correct_B = correct(diff_B)
   return {

@@ -134,7 +134,7 @@ class Attention(nnx.Module):
       self.k_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
       self.v_bias_KH = _zeros((k * h,), (KV_HEADS,), pd)
 
-  def __call__(self, x_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None):
+  def __call__(self, x_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None, branches_BxL=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, l, _ = x_BxLxD.shape
     q_BxLxNH = jnp.einsum("bld,de->ble", x_BxLxD, self.q_DxNH[...].astype(dt))
@@ -149,7 +149,8 @@ class Attention(nnx.Module):
     v_BxLxKxH = v_BxLxKH.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     # Sequences are right-padded and the reward is read at the last real token, so the causal rule alone
     # keeps padding out of every position that matters; packed rows add the segment rule (attention.py).
-    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, cfg.attention)
+    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, cfg.attention,
+                                     branches_BxL)
     return jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt))
 
 
@@ -175,8 +176,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
     self.mlp = FeedForward(cfg, rngs)
 
-  def __call__(self, h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None):
-    h_BxLxD = h_BxLxD + self.attn(self.attn_norm(h_BxLxD), positions_BxL, inv_freq_H2, segments_BxL)
+  def __call__(self, h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None, branches_BxL=None):
+    h_BxLxD = h_BxLxD + self.attn(self.attn_norm(h_BxLxD), positions_BxL, inv_freq_H2, segments_BxL, branches_BxL)
     return h_BxLxD + self.mlp(self.mlp_norm(h_BxLxD))
 
 
@@ -189,9 +190,9 @@ class Backbone(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
 
-  def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+  def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None, branches_BxL=None):
     """One sequence per row by default; packed rows pass each token's position in, and segment id of, its
-    own sequence (segment 0 is padding)."""
+    own sequence (segment 0 is padding); shared-prompt rows also pass each token's branch (attention.attend)."""
     dt = jnp.dtype(self.cfg.dtype)
     h_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
     if positions_BxL is None:
@@ -199,9 +200,10 @@ class Backbone(nnx.Module):
     inv_freq_H2 = rope_frequencies(self.cfg)
     for block in self.blocks:
       if self.cfg.remat:
-        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_BxL, inv_freq_H2, segments_BxL))(block, h_BxLxD)
+        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_BxL, inv_freq_H2, segments_BxL, branches_BxL))(
+            block, h_BxLxD)
       else:
-        h_BxLxD = block(h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL)
+        h_BxLxD = block(h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL, branches_BxL)
     return self.final_norm(h_BxLxD)
 
 
@@ -220,18 +222,19 @@ class RewardModel(nnx.Module):
   def head(self, h_BxD):
     return jnp.einsum("bd,do->bo", h_BxD.astype(jnp.float32), self.score_Dx1[...].astype(jnp.float32))[:, 0]
 
-  def score(self, tokens_GxRxL, ends_GxBxP, positions_GxRxL=None, segments_GxRxL=None):
+  def score(self, tokens_GxRxL, ends_GxBxP, positions_GxRxL=None, segments_GxRxL=None, branches_GxRxL=None):
     """Rewards of the pairs of a batch (pipeline.Batch's layout), float32 [G, B, P].
 
     Group g's R rows hold the sequences of its B pairs; `ends_GxBxP` is each side's EOS as a flat index r·L + l
     into its group's rows. Packed rows pass each token's position in, and segment id of, its own sequence;
-    without them every row is one sequence starting at position 0. Groups are the sharded axis, so every gather
+    without them every row is one sequence starting at position 0. Shared-prompt rows (graphs.py) also pass
+    each token's branch: 0 for a prompt, k for the tokens of its k-th response. Groups are the sharded axis, so every gather
     stays on the device that holds the group; groups x rows fold into the batch around the backbone.
     """
     g, r, l = tokens_GxRxL.shape
     _, b, p = ends_GxBxP.shape
     fold = lambda x: None if x is None else x.reshape(g * r, l)
-    h_GRxLxD = self.backbone(fold(tokens_GxRxL), fold(positions_GxRxL), fold(segments_GxRxL))
+    h_GRxLxD = self.backbone(fold(tokens_GxRxL), fold(positions_GxRxL), fold(segments_GxRxL), fold(branches_GxRxL))
     h_GxRLxD = h_GRxLxD.reshape(g, r * l, -1)
     h_GxBPxD = jnp.take_along_axis(h_GxRLxD, ends_GxBxP.reshape(g, b * p)[:, :, None], axis=1)
     return self.head(h_GxBPxD.reshape(g * b * p, -1)).reshape(g, b, p)

@@ -32,7 +32,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxreward import hosts, sharding, tokenizer as tokenizer_lib
+from jaxreward import graphs, hosts, sharding, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 
@@ -56,8 +56,10 @@ class Batch:
   margin_GxB      float32 the dataset's preference margin (0 when absent)
   positions_GxRxL int32   each token's position within its own sequence (RoPE restarts per sequence)
   segments_GxRxL  int32   1, 2, ... for the sequences of a row, 0 for padding (attention stays inside one)
-  The last two are None when every row holds one sequence from position 0 (BucketedLayout): no mask beyond
-  the causal one is needed then, since padding only follows the EOS.
+  branches_GxRxL  int32   shared-prompt rows (GraphLayout): 0 for a prompt, k for the tokens of its k-th
+                          response (a response sees its prompt and itself, never a sibling); None otherwise
+  Positions and segments are None when every row holds one sequence from position 0 (BucketedLayout): no mask
+  beyond the causal one is needed then, since padding only follows the EOS.
   """
 
   tokens_GxRxL: np.ndarray
@@ -66,6 +68,7 @@ class Batch:
   margin_GxB: np.ndarray
   positions_GxRxL: np.ndarray | None = None
   segments_GxRxL: np.ndarray | None = None
+  branches_GxRxL: np.ndarray | None = None
 
   @staticmethod
   def sharding(mesh, rule_table):
@@ -121,6 +124,9 @@ class BucketedLayout:
 
   def collate(self, enc: tokenizer_lib.Encoded, indices: np.ndarray, weight: np.ndarray, rows=slice(None)) -> Batch:
     return collate(enc, indices, weight, self.buckets, self.pad_id, rows)
+
+  def computed_tokens(self, enc, indices) -> int:
+    return int(enc.lengths()[indices].sum())
 
   def slots(self, enc: tokenizer_lib.Encoded, indices: np.ndarray) -> int:
     longest = max(max(len(enc.ids[i][0]), len(enc.ids[i][1])) for i in indices)
@@ -183,6 +189,10 @@ class PackedLayout:
   def padded_rows(self, rows: int) -> int:
     return smallest_fitting(self.row_buckets, rows)
 
+  def computed_tokens(self, enc, indices) -> int:
+    """Tokens the backbone computes for the batch, padding aside."""
+    return int(enc.lengths()[indices].sum())
+
   def slots(self, enc, indices) -> int:
     """Token slots the batch occupies once packed (its real tokens plus padding)."""
     return self.groups * self.padded_rows(self.rows_needed(enc, indices)) * self.row_length
@@ -216,13 +226,52 @@ class PackedLayout:
                  segments_GxRxL=segments)
 
 
+class GraphLayout(PackedLayout):
+  """PackedLayout whose units are prompt trees (graphs.py) instead of single sequences: each prompt of a group
+  once, each of its distinct responses once; the row buckets, padding figures and host split are the same."""
+
+  def placements(self, enc, indices) -> list:
+    key = np.asarray(indices).tobytes()
+    if key not in self._placements:
+      per_group = len(indices) // self.groups
+      self._placements[key] = []
+      for g in range(self.groups):
+        trees, sides = graphs.trees_of(enc, indices[g * per_group:(g + 1) * per_group], self.row_length)
+        row_T, offset_T, rows = first_fit_decreasing(np.array([len(t) for t in trees]), self.row_length)
+        self._placements[key].append((row_T, offset_T, rows, trees, sides))
+    return self._placements[key]
+
+  def computed_tokens(self, enc, indices) -> int:
+    return sum(len(t) for p in self.placements(enc, indices) for t in p[3])
+
+  def collate(self, enc, indices: np.ndarray, weight: np.ndarray, rows=slice(None)) -> Batch:
+    placements = self.placements(enc, indices)
+    num_rows = self.padded_rows(max(p[2] for p in placements))
+    mine = np.arange(self.groups)[rows]
+    shape = (len(mine), num_rows, self.row_length)
+    tokens = np.full(shape, self.pad_id, np.int32)
+    positions, segments, branches = (np.zeros(shape, np.int32) for _ in range(3))
+    ends = np.zeros((len(mine), len(indices) // self.groups, 2), np.int32)
+    for slot, g in enumerate(mine):
+      row_T, offset_T, _, trees, sides = placements[g]
+      eos_of = graphs.write_trees(trees, row_T, offset_T, self.row_length, tokens[slot], positions[slot],
+                                  segments[slot], branches[slot])
+      ends[slot] = np.array([eos_of[s] for s in sides], np.int32).reshape(-1, 2)
+    return Batch(tokens_GxRxL=tokens, ends_GxBxP=ends,
+                 weight_GxB=weight.astype(np.float32).reshape(self.groups, -1)[rows],
+                 margin_GxB=enc.margin[indices].reshape(self.groups, -1)[rows], positions_GxRxL=positions,
+                 segments_GxRxL=segments, branches_GxRxL=branches)
+
+
 class TrainPlan:
   """Which pairs form global batch `step`; a pure function of (seed, step)."""
 
-  def __init__(self, enc: tokenizer_lib.Encoded, batch_size: int, sort_window: int, seed: int):
+  def __init__(self, enc: tokenizer_lib.Encoded, batch_size: int, sort_window: int, seed: int,
+               group_by_prompt: bool = False):
     if len(enc) < batch_size:
       raise ConfigError(f"data: only {len(enc)} training pairs for a batch of {batch_size} (train.batch_size)")
     self.enc, self.batch_size, self.sort_window, self.seed = enc, batch_size, sort_window, seed
+    self.group_by_prompt = group_by_prompt
     self.pair_lengths = enc.lengths().max(axis=1)
     self.batches_per_epoch = len(enc) // batch_size
     self._cached_epoch, self._cached_plan = -1, None
@@ -231,9 +280,12 @@ class TrainPlan:
     """[batches_per_epoch, batch_size] pair indices of one epoch."""
     if epoch != self._cached_epoch:
       rng = np.random.default_rng([self.seed, epoch])
-      order = rng.permutation(len(self.enc))[:self.batches_per_epoch * self.batch_size]
+      if self.group_by_prompt:  # A prompt's pairs side by side, so that most land in one batch.
+        order = graphs.grouped_order(self.enc.prompt_group, rng)[:self.batches_per_epoch * self.batch_size]
+      else:
+        order = rng.permutation(len(self.enc))[:self.batches_per_epoch * self.batch_size]
       window = self.batch_size * self.sort_window
-      for start in range(0, len(order), window):
+      for start in range(0, 0 if self.group_by_prompt else len(order), window):
         chunk = order[start:start + window]
         order[start:start + window] = chunk[np.argsort(self.pair_lengths[chunk], kind="stable")]
       batches = order.reshape(self.batches_per_epoch, self.batch_size)
@@ -245,10 +297,9 @@ class TrainPlan:
 
   def padding_fraction(self, epoch: int, layout) -> float:
     """Share of the epoch's token slots that are padding under `layout`."""
-    lengths = self.enc.lengths()
     real = padded = 0
     for idx in self.epoch(epoch):
-      real += int(lengths[idx].sum())
+      real += layout.computed_tokens(self.enc, idx)
       padded += layout.slots(self.enc, idx)
     return 1.0 - real / padded
 
@@ -310,17 +361,19 @@ def make_plan(config, enc: tokenizer_lib.Encoded) -> TrainPlan:
   # Packed batches are drawn unsorted: any mix of lengths packs well, while length-sorted batches vary so much
   # in row count that they need many more row buckets (ETHICS: 16-20% padding instead of 4%).
   d, t = config.data, config.train
-  return TrainPlan(enc, t.batch_size, 1 if d.packing else d.sort_window, t.seed)
+  return TrainPlan(enc, t.batch_size, 1 if d.packing or d.group_by_prompt else d.sort_window, t.seed,
+                   d.group_by_prompt)
 
 
 def make_layout(config, plan, batch_shards: int, pad_id: int):
   """(layout, description) of training batches: packed rows or length buckets."""
   d, t = config.data, config.train
-  if d.packing:
-    layout = PackedLayout(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size,
-                                  pad_id)
+  if d.packing or d.group_by_prompt:
+    kind = GraphLayout if d.group_by_prompt else PackedLayout
+    layout = kind(d.pack_length or d.max_length, batch_shards * t.grad_accum_steps, t.batch_size, pad_id)
     layout.fit_buckets([layout.rows_needed(plan.enc, idx) for idx in plan.epoch(0)], d.num_buckets)
-    return layout, f"packed into {layout.groups} group(s) of {layout.row_buckets} rows x {layout.row_length}"
+    what = "prompt trees" if d.group_by_prompt else "packed"
+    return layout, f"{what} in {layout.groups} group(s) of {layout.row_buckets} rows x {layout.row_length}"
   buckets = bucket_lengths(d.max_length, d.num_buckets)
   return BucketedLayout(buckets, pad_id), f"buckets {buckets}"
 

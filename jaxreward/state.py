@@ -61,11 +61,19 @@ def create_state(model_cfg: model_lib.ModelConfig, tx, mesh, rule_table, seed: i
 
 def batch_rewards(model, batch: pipeline.Batch):
   """(r_Bx2, weight_B, margin_B) of a batch, packed or not: the one path from a batch to the loss."""
-  r_Bx2 = model.score(batch.tokens_GxRxL, batch.ends_GxBxP, batch.positions_GxRxL, batch.segments_GxRxL)
+  r_Bx2 = model.score(batch.tokens_GxRxL, batch.ends_GxBxP, batch.positions_GxRxL, batch.segments_GxRxL,
+                      batch.branches_GxRxL)
   return r_Bx2.reshape(-1, 2), batch.weight_GxB.reshape(-1), batch.margin_GxB.reshape(-1)
 
 
-def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps: int = 1):
+def winners(batch: pipeline.Batch):
+  """An id per pair naming its chosen response's slot (its EOS), equal for pairs that share that response."""
+  g, r, l = batch.tokens_GxRxL.shape
+  return (batch.ends_GxBxP[:, :, 0] + (jnp.arange(g) * r * l)[:, None]).reshape(-1)
+
+
+def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps: int = 1,
+                    objective: str = "bradley_terry"):
   """The pure step: (state, batch) -> (state, metrics).
 
   With `grad_accum_steps` = A > 1 the batch is processed as A microbatches in a scan; gradients of the summed
@@ -74,7 +82,8 @@ def make_train_step(graphdef, tx, schedule, center_coef: float, grad_accum_steps
   """
 
   def sum_loss(params, frozen, micro):
-    sums = loss.batch_sums(*batch_rewards(nnx.merge(graphdef, params, frozen), micro), center_coef)
+    winner_B = winners(micro) if objective == "plackett_luce" else None
+    sums = loss.batch_sums(*batch_rewards(nnx.merge(graphdef, params, frozen), micro), center_coef, winner_B)
     return sums["loss"], sums
 
   # Differentiates the trained parameters only (optimizer.split_trained): the frozen ones get no gradient.
@@ -155,7 +164,7 @@ class Trainer:
     replicated = NamedSharding(mesh, PartitionSpec())
     self.train_step = jax.jit(
         make_train_step(self.graphdef, self.tx, self.schedule, train_cfg.center_rewards_coef,
-                        train_cfg.grad_accum_steps),
+                        train_cfg.grad_accum_steps, train_cfg.loss),
         in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, replicated),
         donate_argnums=0)
     self.eval_step = make_eval_step(self.graphdef, self.state_shardings["params"], mesh, rule_table)

@@ -7,6 +7,9 @@ no single token or length gives the preference away: the model has to relate the
 - maximum:  "Which is the largest of 5 61 23?"  chosen "61."              rejected another number of the list
 - category: "Name a fruit."                     chosen "I would say lemon." rejected the same with a non-fruit
 Prompts end in "Answer:" and responses start with a space, so a word is the same token in both.
+
+`generate_ranked` asks each prompt for K responses as ranked lines (data.parse_ranked): maximum ranks K numbers
+of its list by value, category one right member above K-1 tied wrong ones, compare its two answers.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxreward import pipeline, tokenizer
-from jaxreward.data import Pair
+from jaxreward.data import Pair, parse_ranked
 
 CATEGORIES = {
     "fruit": "apple lemon mango cherry peach plum grape melon".split(),
@@ -80,3 +83,54 @@ def packed_batch(length: int, rows: int, vocab: int, seed: int = 0, median: floa
   layout = pipeline.PackedLayout(length, 1, len(ids), pad_id=0)
   layout.row_buckets = [rows]
   return layout.collate(enc, np.arange(len(ids)), np.ones(len(ids))), int(np.sum(lengths))
+
+
+def _ranked_maximum(rng, k: int) -> dict:
+  values = [int(v) for v in rng.choice(100, size=int(rng.integers(k, k + 3)), replace=False)]
+  shown = [int(v) for v in rng.choice(values, size=k, replace=False)]
+  if max(values) not in shown:
+    shown[0] = max(values)
+  return {"prompt": f"Which is the largest of {' '.join(map(str, values))}?", "responses": [f" {v}." for v in shown],
+          "scores": shown}
+
+
+def _ranked_category(rng, k: int) -> dict:
+  prompt, right, wrong = _category(rng)
+  lead, good = right.rsplit(" ", 1)
+  names = [n for n in CATEGORIES if good.rstrip(".") not in CATEGORIES[n]]
+  others = {str(rng.choice(CATEGORIES[str(c)])) for c in rng.choice(names, size=k - 1, replace=False)}
+  responses = [right] + [f"{lead} {w}." for w in sorted(others)]
+  return {"prompt": prompt, "responses": responses, "scores": [1] + [0] * (len(responses) - 1)}
+
+
+def _ranked_compare(rng, k: int) -> dict:
+  del k  # Two numbers have two answers.
+  prompt, chosen, rejected = _compare(rng)
+  return {"prompt": prompt, "responses": [chosen, rejected], "scores": [1, 0]}
+
+
+def ranked_rows(responses: int, seed: int):
+  """Endless distinct ranked lines (data.parse_ranked's format) of up to `responses` answers per prompt."""
+  rng = np.random.default_rng(seed)
+  makers = {"compare": _ranked_compare, "maximum": _ranked_maximum, "category": _ranked_category}
+  seen, lines = set(), 0
+  while True:
+    kind = KINDS[lines % len(KINDS)]
+    row = makers[kind](rng, responses)
+    key = (row["prompt"], tuple(row["responses"]))
+    if key in seen:
+      continue
+    seen.add(key)
+    lines += 1
+    yield dict(row, prompt=row["prompt"] + "\nAnswer:", category=kind)
+
+
+def generate_ranked(num_pairs: int, responses: int, seed: int) -> list[Pair]:
+  """The pairs of `ranked_rows`' lines, until there are `num_pairs` of them."""
+  pairs = []
+  for line, row in enumerate(ranked_rows(responses, seed), 1):
+    for pair in parse_ranked(row)[0][:num_pairs - len(pairs)]:
+      pair.where = f"synthetic:{line}"
+      pairs.append(pair)
+    if len(pairs) == num_pairs:
+      return pairs

@@ -139,6 +139,7 @@ class Encoded:
   margin: np.ndarray  # [pair] float32
   pairs: list  # The Pair records kept, aligned with ids.
   truncated: int = 0  # Pairs with at least one side cut to max_length.
+  prompt_group: np.ndarray | None = None  # [pair] int: pairs with equal values share a prompt (graphs.py).
   dropped: int = 0  # Pairs skipped under truncation="drop".
 
   def __len__(self):
@@ -175,6 +176,8 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
     out.pairs.append(pair)
     margins.append(pair.margin)
   out.margin = np.asarray(margins, np.float32)
+  prompts = {}
+  out.prompt_group = np.array([prompts.setdefault(p.prompt_key(), len(prompts)) for p in out.pairs], np.int64)
   return out
 
 

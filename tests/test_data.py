@@ -34,6 +34,16 @@ def test_explicit_keeps_margin_and_extra_fields(tmp_path):
   assert pairs[1].prompt == "" and rep.formats == {"explicit": 2}
 
 
+def test_ranked_line_gives_every_untied_pair_better_first(tmp_path):
+  rows = [{"prompt": "Q?", "responses": ["a", "b", "c", "d"], "scores": [0.5, 2, 0.5, -1], "category": "x"},
+          {"prompt": [{"role": "user", "content": "hi"}], "responses": ["x", [ASSISTANT]], "ranking": [2, 1]}]
+  pairs, rep = data.load_pairs(write(tmp_path, "r.jsonl", rows))
+  assert [(p.chosen, p.rejected) for p in pairs[:5]] == [("b", "a"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+  assert rep.tie_pairs == 1 and rep.formats == {"ranked": 2} and rep.pairs == 6
+  assert pairs[0].extra == {"category": "x"} and pairs[4].where.endswith(":1") and pairs[5].where.endswith(":2")
+  assert pairs[5].chosen == [ASSISTANT] and pairs[5].rejected == [{"role": "assistant", "content": "x"}]
+
+
 def test_implicit_prompt_is_shared_prefix_through_last_assistant_turn(tmp_path):
   head = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
   # Also when exported with an empty "prompt" column.
@@ -139,6 +149,15 @@ BAD_LINES = [
      "invalid JSON"),
     ("bare-cr", json.dumps(GOOD).encode() + b"\r" + json.dumps(GOOD).encode(), "bare CR"),
     ("no-shared-turn", b'{"chosen": "\\n\\nHuman: a", "rejected": "\\n\\nHuman: b"}', "share no"),
+    ("ranked-one-response", b'{"prompt": "Q", "responses": ["a"], "scores": [1]}', "at least 2 responses"),
+    ("ranked-no-scores", b'{"prompt": "Q", "responses": ["a", "b"]}', "exactly one of 'scores'"),
+    ("ranked-short-scores", b'{"prompt": "Q", "responses": ["a", "b"], "scores": [1]}', "array of 2 numbers"),
+    ("ranked-nan-score", b'{"prompt": "Q", "responses": ["a", "b"], "scores": [1, NaN]}', "scores[1] must be a"),
+    ("ranked-rank-zero", b'{"prompt": "Q", "responses": ["a", "b"], "ranking": [1, 0]}', "ranking[1] must be a rank"),
+    ("ranked-repeat", b'{"prompt": "Q", "responses": ["a", "a"], "scores": [1, 0]}', "responses[1] repeats"),
+    ("ranked-all-tied", b'{"prompt": "Q", "responses": ["a", "b"], "ranking": [1, 1]}', "no comparison"),
+    ("ranked-two-empty", b'{"prompt": "Q", "responses": ["", " ", "c"], "scores": [1, 2, 3]}', "both empty"),
+    ("ranked-bad-response", b'{"prompt": "Q", "responses": ["a", 3], "scores": [1, 0]}', "'responses[1]' must be"),
 ]
 
 

@@ -3,11 +3,15 @@
   pip install -e '.[bench]'
   python tools/bench_vs_trl.py [--config configs/small.py] [--pairs 3200] [--repeats 2] [--json out.json]
   python tools/bench_vs_trl.py --data ../shared/data/autoj_hh_style.jsonl --pairs 768 --max_length 256
+  python tools/bench_vs_trl.py --data ../shared/data/pandalm.jsonl --max_length 512 --sides graph,jax,trl
 
 Both sides train a Llama-architecture reward model of the config's dimensions (fp32, no dropout) with the same
 byte-level BPE tokenizer (`tokenizer.train_bpe` on the training texts, built once here), the same token ids
 (jaxreward's encoding, keep_end truncation to --max_length: TRL itself would drop over-long pairs instead), the
-same batch size, AdamW (betas, eps, weight decay, clipping, warmup + cosine) and the same N pairs (one pass):
+same batch size, AdamW (betas, eps, weight decay, clipping, warmup + cosine) and the same N pairs (one pass) of
+the file's 80% training split by prompt (corpus.split); afterwards each side scores the 20% validation split:
+  graph: the jax side with data.group_by_prompt (graphs.py): a prompt's pairs batched together, each prompt and
+       each distinct response computed once.
   jax: the jitted train step of `train.py` over the real grain pipeline (the config's layout: packed rows by
        default, or with --config.data.packing=False length buckets and sorted-within-window batches; prefetching
        thread), metrics fetched a step late as in `train_and_evaluate`. Every batch shape the run will use is
@@ -15,7 +19,8 @@ same batch size, AdamW (betas, eps, weight decay, clipping, warmup + cosine) and
   trl: `trl.RewardTrainer` on `transformers.LlamaForSequenceClassification`; its collator pads each batch to its
        longest sequence; no evaluation, saving or reporting.
 Each run is its own subprocess (clean peak RSS); sides alternate (jax, trl, jax, trl, ...) so load drift hits
-both. "time" is the wall time of the whole pass over N pairs, data loading included, setup (reading, tokenizing,
+both. "tokens/pair" counts the tokens each side's backbone computes per training pair (padding aside). "time" is
+the wall time of the whole pass over N pairs, data loading included, setup (reading, tokenizing,
 model construction, compilation) excluded; "step" is the median interval between finished steps. Tokens/s is
 given over padded slots and over real tokens only. Check `uptime` first: on a loaded machine the figures are noise.
 On a machine shared with other jobs, torch's OpenMP threads stall far more than XLA's pool (measured: 2.7-5.0 s
@@ -43,11 +48,11 @@ _PAIRS = flags.DEFINE_integer("pairs", 3200, "Training pairs per run (rounded do
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Runs per side, alternating jax/trl.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Maximum tokens per sequence; 0 = the config's.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Pairs per batch; 0 = the config's.")
-_SIDES = flags.DEFINE_list("sides", ["jax", "trl"], "Which sides to run (jax, trl, or both).")
+_SIDES = flags.DEFINE_list("sides", ["jax", "trl"], "Which sides to run (graph, jax, trl).")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", None, "XLA_FLAGS for the jax side (default: inherited).")
 _JSON = flags.DEFINE_string("json", "", "Also write all runs and the summary to this JSON file.")
 # Internal: a child process runs one side on the data prepared by the parent.
-_CHILD = flags.DEFINE_string("child", "", "(internal) run one side: jax | trl.")
+_CHILD = flags.DEFINE_string("child", "", "(internal) run one side: graph | jax | trl.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "(internal) the prepared data.")
 
 
@@ -64,6 +69,7 @@ def _prepare(config, workdir: str) -> dict:
   from jaxreward import corpus, data, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   pairs, _ = data.load_pairs(_DATA.value, "auto", "skip")
   pairs, _ = corpus.deduplicate(pairs)
+  pairs, val_pairs = corpus.split(pairs, 0.2, config.train.seed)
   batch = config.train.batch_size
   n = min(_PAIRS.value, len(pairs)) // batch * batch
   if n == 0:
@@ -72,18 +78,20 @@ def _prepare(config, workdir: str) -> dict:
   tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(pairs), config.data.vocab_size)
   tok.save_pretrained(os.path.join(workdir, "tokenizer"))
   enc = tokenizer_lib.encode(pairs, tok, config.data.max_length, "keep_end")
+  val = tokenizer_lib.encode(val_pairs, tok, config.data.max_length, "keep_end")
   with open(os.path.join(workdir, "ids.json"), "w") as f:
-    json.dump([[a.tolist(), b.tolist()] for a, b in enc.ids], f)
+    json.dump({"train": [[a.tolist(), b.tolist()] for a, b in enc.ids], "prompt_group": enc.prompt_group.tolist(),
+               "validation": [[a.tolist(), b.tolist()] for a, b in val.ids]}, f)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json())
   lengths = enc.lengths()
-  return {"pairs": n, "steps": n // batch, "vocab": len(tok), "truncated_pairs": enc.truncated,
+  return {"pairs": n, "val_pairs": len(val), "prompts": int(enc.prompt_group.max()) + 1, "steps": n // batch, "vocab": len(tok), "truncated_pairs": enc.truncated,
           "mean_tokens": float(lengths.mean()), "max_tokens": int(lengths.max())}
 
 
 def _run_child(side: str, workdir: str) -> dict:
   env = dict(os.environ)
-  if side == "jax" and _XLA_FLAGS.value is not None:
+  if side in ("jax", "graph") and _XLA_FLAGS.value is not None:
     env["XLA_FLAGS"] = _XLA_FLAGS.value
   out = os.path.join(workdir, f"result_{side}.json")
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={side}", f"--workdir={workdir}"]
@@ -106,7 +114,8 @@ def _parent(config) -> None:
   with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as workdir:
     info = _prepare(config, workdir)
     m = config.model
-    print(f"data {_DATA.value}: {info['pairs']} pairs = {info['steps']} steps of {config.train.batch_size}; "
+    print(f"data {_DATA.value}: {info['pairs']} pairs ({info['prompts']} prompts; {info['val_pairs']} validation "
+          f"pairs) = {info['steps']} steps of {config.train.batch_size}; "
           f"max_length {config.data.max_length} ({info['truncated_pairs']} pairs truncated); mean "
           f"{info['mean_tokens']:.1f} tokens/sequence; vocab {info['vocab']}; model d={m.hidden_size} "
           f"L={m.num_layers} heads {m.num_heads}/{m.num_kv_heads} mlp {m.mlp_dim}; load {os.getloadavg()[0]:.2f}")
@@ -117,6 +126,7 @@ def _parent(config) -> None:
         res = _run_child(side, workdir) | {"side": side, "repeat": r, "load_before": load}
         runs.append(res)
         print(f"  {side} #{r}: {res['time_s']:.2f} s for {info['pairs']} pairs | step {res['step_ms']:.1f} ms | "
+              f"{res['real_tokens'] / info['pairs']:.0f} tokens/pair | val acc {res['val_accuracy']:.3f} | "
               f"{res['tokens_per_s']:,.0f} tok/s padded, {res['real_tokens_per_s']:,.0f} real | padding "
               f"{res['padding']:.0%} | setup {res['setup_s']:.1f} s, compile {res['compile_s']:.2f} s | peak RSS "
               f"{res['peak_rss_mib']:.0f} MiB | load {load:.2f}", flush=True)
@@ -125,14 +135,19 @@ def _parent(config) -> None:
     mine = [r for r in runs if r["side"] == side]
     summary[side] = {k: statistics.median(r[k] for r in mine) for k in
                      ("time_s", "step_ms", "tokens_per_s", "real_tokens_per_s", "padding", "compile_s",
-                      "peak_rss_mib")}
+                      "peak_rss_mib", "val_accuracy")}
+    summary[side]["tokens_per_pair"] = mine[0]["real_tokens"] / info["pairs"]
     summary[side]["recompiles_after_warmup"] = max(r.get("recompiles_after_warmup", 0) for r in mine)
     summary[side]["distinct_shapes"] = mine[0].get("distinct_shapes")
-  print(f"{'median':8s}{'time s':>9s}{'step ms':>9s}{'tok/s pad':>11s}{'tok/s real':>11s}{'padding':>9s}"
-        f"{'compile s':>10s}{'RSS MiB':>9s}")
+  print(f"{'median':8s}{'time s':>9s}{'step ms':>9s}{'tok/pair':>9s}{'tok/s pad':>11s}{'tok/s real':>11s}"
+        f"{'padding':>9s}{'compile s':>10s}{'RSS MiB':>9s}{'val acc':>9s}")
   for side, s in summary.items():
-    print(f"{side:8s}{s['time_s']:9.2f}{s['step_ms']:9.1f}{s['tokens_per_s']:11,.0f}{s['real_tokens_per_s']:11,.0f}"
-          f"{s['padding']:9.0%}{s['compile_s']:10.2f}{s['peak_rss_mib']:9.0f}")
+    print(f"{side:8s}{s['time_s']:9.2f}{s['step_ms']:9.1f}{s['tokens_per_pair']:9.0f}{s['tokens_per_s']:11,.0f}"
+          f"{s['real_tokens_per_s']:11,.0f}{s['padding']:9.0%}{s['compile_s']:10.2f}{s['peak_rss_mib']:9.0f}"
+          f"{s['val_accuracy']:9.3f}")
+  for side in summary:
+    if side != "trl" and "trl" in summary:
+      print(f"{side} / trl: time {summary[side]['time_s'] / summary['trl']['time_s']:.2f}x")
   if "jax" in summary and "trl" in summary:
     j, t = summary["jax"], summary["trl"]
     summary["ratio_time_jax_over_trl"] = j["time_s"] / t["time_s"]
@@ -154,30 +169,34 @@ def _parent(config) -> None:
 
 
 def _load_workdir(workdir: str):
+  """(config, training ids, their prompt groups, validation ids)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(workdir, "ids.json")) as f:
-    ids = [[np.asarray(a, np.int32), np.asarray(b, np.int32)] for a, b in json.load(f)]
-  return config, ids
+    saved = json.load(f)
+  ids, val = ([[np.asarray(a, np.int32), np.asarray(b, np.int32)] for a, b in saved[k]] for k in ("train", "validation"))
+  return config, ids, np.asarray(saved["prompt_group"], np.int64), val
 
 
 def _summarise(ends: list, start: float, padded: int, real: int, setup_s: float, compile_s: float, **extra) -> dict:
   total = ends[-1] - start
-  return {"time_s": total, "step_ms": 1e3 * float(np.median(np.diff([start] + ends))),
+  return {"time_s": total, "real_tokens": real, "step_ms": 1e3 * float(np.median(np.diff([start] + ends))),
           "tokens_per_s": padded / total, "real_tokens_per_s": real / total, "padding": 1 - real / padded,
           "setup_s": setup_s, "compile_s": compile_s, "peak_rss_mib": _peak_rss_mib(), **extra}
 
 
-def _jax_child(workdir: str) -> dict:
+def _jax_child(workdir: str, group_by_prompt: bool = False) -> dict:
   began = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
   from jaxreward import model as model_lib, pipeline, sharding, state  # pylint: disable=g-import-not-at-top
   from jaxreward import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  config, ids = _load_workdir(workdir)
+  config, ids, prompt_group, val_ids = _load_workdir(workdir)
+  config.data.group_by_prompt = group_by_prompt
   t = config.train
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
-  enc = tokenizer_lib.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids))
+  enc = tokenizer_lib.Encoded(ids=ids, margin=np.zeros(len(ids), np.float32), pairs=[None] * len(ids),
+                              prompt_group=prompt_group)
   plan = pipeline.make_plan(config, enc)
   num_steps = plan.batches_per_epoch
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
@@ -218,7 +237,12 @@ def _jax_child(workdir: str) -> dict:
     pending = metrics
   loss = float(jax.device_get(pending)["loss"]) / t.batch_size
   ends.append(time.perf_counter())
-  return _summarise(ends, start, padded, real, setup_s, compile_s, final_loss=loss,
+  val = tokenizer_lib.Encoded(ids=val_ids, margin=np.zeros(len(val_ids), np.float32), pairs=[None] * len(val_ids))
+  evaluation = pipeline.eval_batches(val, np.arange(len(val)), t.eval_batch_size,
+                                     pipeline.bucket_lengths(config.data.max_length, config.data.num_buckets),
+                                     tok.pad_token_id)
+  val_accuracy = trainer.evaluate(evaluation)[0]["accuracy"]
+  return _summarise(ends, start, padded, real, setup_s, compile_s, final_loss=loss, val_accuracy=val_accuracy,
                     distinct_shapes=sorted(first_of_shape),
                     recompiles_after_warmup=trainer.train_step._cache_size() - cache_before)  # pylint: disable=protected-access
 
@@ -229,7 +253,7 @@ def _trl_child(workdir: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   import trl  # pylint: disable=g-import-not-at-top
-  config, ids = _load_workdir(workdir)
+  config, ids, _, val_ids = _load_workdir(workdir)
   t, d, m = config.train, config.data, config.model
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(os.path.join(workdir, "tokenizer"))
   dataset = datasets.Dataset.from_dict({"chosen_ids": [a.tolist() for a, _ in ids],
@@ -278,15 +302,30 @@ def _trl_child(workdir: str) -> dict:
   trainer.data_collator = counting
   setup_s = time.perf_counter() - began
   out = trainer.train()
-  return _summarise(marks["ends"], marks["start"], counts["padded"], counts["real"], setup_s, 0.0,
-                    final_loss=float(out.training_loss), torch_threads=torch.get_num_threads(),
+  ends = list(marks["ends"])
+  model.eval()
+  correct = []
+  with torch.no_grad():  # Validation: each side's reward, right-padded batches, ties count half (loss.correct).
+    for start in range(0, len(val_ids), t.eval_batch_size):
+      chunk = [seq for pair in val_ids[start:start + t.eval_batch_size] for seq in pair]
+      width = max(len(x) for x in chunk)
+      tokens = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+      mask = torch.zeros((len(chunk), width), dtype=torch.long)
+      for i, x in enumerate(chunk):
+        tokens[i, :len(x)], mask[i, :len(x)] = torch.as_tensor(x), 1
+      r = model(input_ids=tokens, attention_mask=mask).logits[:, 0].reshape(-1, 2)
+      diff = (r[:, 0] - r[:, 1]).numpy()
+      correct += list(np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0)))
+  return _summarise(ends, marks["start"], counts["padded"], counts["real"], setup_s, 0.0,
+                    val_accuracy=float(np.mean(correct)), final_loss=float(out.training_loss), torch_threads=torch.get_num_threads(),
                     trl_version=trl.__version__)
 
 
 def main(argv):
   del argv
   if _CHILD.value:
-    result = {"jax": _jax_child, "trl": _trl_child}[_CHILD.value](_WORKDIR.value)
+    children = {"jax": _jax_child, "graph": lambda w: _jax_child(w, group_by_prompt=True), "trl": _trl_child}
+    result = children[_CHILD.value](_WORKDIR.value)
     with open(os.path.join(_WORKDIR.value, f"result_{_CHILD.value}.json"), "w") as f:
       json.dump(result, f)
     return
