@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxreward import artifacts, configuration, data, hf, loss, model as model_lib, pipeline, sharding
+from jaxreward import artifacts, configuration, data, hf, jsonfile, loss, model as model_lib, pipeline, sharding
 from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
@@ -286,8 +286,8 @@ def _hf_jax_model(folder: str):
 def read_rows(path: str) -> tuple[str, list[dict]]:
   """('responses' | 'pairs', rows). Rows are validated here so a bad line is one message with its number."""
   rows = []
-  for number, row in data.read_rows(path):
-    if isinstance(row, data.BadLine):
+  for number, row in jsonfile.read_rows(path):
+    if isinstance(row, jsonfile.BadLine):
       raise ConfigError(f"{path}:{number}: {row}")
     rows.append(row)
   if not rows:
@@ -329,7 +329,7 @@ def score_file(scorer: Scorer, path: str) -> tuple[list[dict], dict]:
     for number, row in enumerate(rows, 1):
       try:
         pair, _ = data.parse_row(row, "auto")
-      except data.BadLine as e:
+      except jsonfile.BadLine as e:
         raise ConfigError(f"{path}:{number}: {e}") from None
       pairs.append(pair)
     prompts = [p.prompt for p in pairs] * 2

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from jaxreward import data
+from jaxreward import data, jsonfile
 from jaxreward.configuration import ConfigError
 
 DATASET_VERSION = "1.0.0"
@@ -132,9 +132,9 @@ def read(name: str, data_dir: str, fmt: str = "auto", on_bad_line: str = "error"
         try:
           value = json.loads(_text(row["pair"]))
         except ValueError as e:
-          raise data.BadLine(f"invalid JSON in feature 'pair' ({e})") from None
+          raise jsonfile.BadLine(f"invalid JSON in feature 'pair' ({e})") from None
         pair, kind = data.parse_row(value, fmt)
-      except data.BadLine as e:
+      except jsonfile.BadLine as e:
         if on_bad_line == "error":
           raise ConfigError(f"data: tfds {where}: {e} (set data.on_bad_line=skip to skip such rows)") from None
         report.skipped += 1

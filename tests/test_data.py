@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from jaxreward import data
+from jaxreward import data, jsonfile
 from jaxreward.configuration import ConfigError
 
 GOOD = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
@@ -175,7 +175,7 @@ def test_bad_line_is_one_line_error_or_counted_skip(tmp_path, name, line, proble
 
 
 def test_absurdly_long_line_is_skipped_in_bounded_chunks(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+  monkeypatch.setattr(jsonfile, "MAX_LINE_BYTES", 1000)
   long = json.dumps(dict(GOOD, chosen="x" * 5000)).encode()
   path = write(tmp_path, "long.jsonl", long + b"\n" + json.dumps(GOOD).encode() + b"\n")
   with pytest.raises(ConfigError, match=r"long\.jsonl:1: line is 5,0\d\d bytes; longer than"):
