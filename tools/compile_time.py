@@ -1,0 +1,102 @@
+"""Compile time and CPU step time of configs/large.py's shape (shrunk width, full depth): blocks unrolled vs in one
+scan (model.scan_layers), per remat policy (model.remat).
+
+  python tools/compile_time.py                                  # 32 layers, d 128, 8/2 heads, seq 128, 4 pairs
+  python tools/compile_time.py --num_layers 8 --variants unrolled-full,scan-full
+
+Each variant builds the project's train state and jitted train step (state.Trainer: AdamW, large's rules table, one
+device) and reports: `init`, building the state (its own jit: compile + run); `trace`, tracing and lowering the
+train step; `compile`, XLA compiling it; `step`, the median of --steps steps after one warm-up. Variants are
+{unrolled,scan}-{none,save_matmuls,full}; large itself runs scan-full. Times depend on the machine's load: print
+`uptime` and the CPU model beside them. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from jaxreward import model as model_lib, pipeline, sharding, state  # noqa: E402
+from configs import large  # noqa: E402
+
+VARIANTS = "unrolled-full,scan-none,scan-save_matmuls,scan-full"
+
+
+def batch_of(pairs: int, length: int, vocab: int) -> pipeline.Batch:
+  """`pairs` pairs, one full-length sequence per row (no packing: the shape large trains on with xla attention)."""
+  rng = np.random.default_rng(0)
+  return pipeline.Batch(
+      tokens_GxRxL=rng.integers(2, vocab, size=(pairs, 2, length)).astype(np.int32),
+      ends_GxBxP=np.tile(np.arange(2, dtype=np.int32) * length + length - 1, (pairs, 1, 1)),
+      weight_GxB=np.ones((pairs, 1), np.float32), margin_GxB=np.zeros((pairs, 1), np.float32))
+
+
+def run_variant(name: str, base: model_lib.ModelConfig, config, mesh, rule_table, batch, steps: int) -> dict:
+  layout, remat = name.split("-", 1)
+  cfg = dataclasses.replace(base, scan_layers=layout == "scan", remat=remat)
+  t0 = time.perf_counter()
+  trainer = state.Trainer(cfg, config.train, mesh, rule_table, num_steps=100)
+  jax.block_until_ready(trainer.state)
+  t1 = time.perf_counter()
+  device_batch = batch.on_device(trainer.batch_sharding)
+  lowered = trainer.train_step.lower(trainer.state, device_batch)
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  train_state, times = trainer.state, []
+  for _ in range(steps + 1):
+    start = time.perf_counter()
+    train_state, metrics = compiled(train_state, device_batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {"variant": name, "init_s": round(t1 - t0, 2), "trace_s": round(t2 - t1, 2), "compile_s": round(t3 - t2, 2),
+          "step_s": round(statistics.median(times[1:]), 3), "loss": float(metrics["loss"] / metrics["count"])}
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--num_layers", type=int, default=32)
+  p.add_argument("--hidden_size", type=int, default=128)
+  p.add_argument("--num_heads", type=int, default=8)
+  p.add_argument("--num_kv_heads", type=int, default=2)
+  p.add_argument("--mlp_dim", type=int, default=448, help="large's 3.5 x hidden_size")
+  p.add_argument("--vocab_size", type=int, default=512)
+  p.add_argument("--length", type=int, default=128)
+  p.add_argument("--pairs", type=int, default=4)
+  p.add_argument("--dtype", default="float32", help="large computes in bfloat16; CPUs are timed in float32")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--variants", default=VARIANTS)
+  args = p.parse_args(argv)
+  config = large.get_config()
+  m = config.model
+  m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads = args.num_layers, args.hidden_size, args.num_heads, \
+      args.num_kv_heads
+  m.head_dim, m.mlp_dim, m.dtype = args.hidden_size // args.num_heads, args.mlp_dim, args.dtype
+  config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 1
+  base = model_lib.ModelConfig.from_config(m, args.vocab_size)
+  mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  batch = batch_of(args.pairs, args.length, args.vocab_size)
+  print(f"large's shape: {base.num_layers} layers, d {base.hidden_size}, {base.num_heads}/{base.num_kv_heads} heads x "
+        f"{base.head_dim}, mlp {base.mlp_dim}, {base.dtype}, attention {base.attention}; {args.pairs} pairs x 2 x "
+        f"{args.length} tokens; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  results = []
+  for name in args.variants.split(","):
+    results.append(run_variant(name, base, config, mesh, rule_table, batch, args.steps))
+    r = results[-1]
+    print(f"{r['variant']:>18}: init {r['init_s']:6.2f} s  trace {r['trace_s']:6.2f} s  compile {r['compile_s']:6.2f} s"
+          f"  step {r['step_s']:6.3f} s  loss {r['loss']:.5f}", flush=True)
+  print(json.dumps(results))
+  return results
+
+
+if __name__ == "__main__":
+  main()
