@@ -4,8 +4,9 @@ scan (model.scan_layers), per remat policy (model.remat).
   python tools/compile_time.py                                  # 32 layers, d 128, 8/2 heads, seq 128, 4 pairs
   python tools/compile_time.py --num_layers 8 --variants unrolled-full,scan-full
 
-Each variant builds the project's train state and jitted train step (state.Trainer: AdamW, large's rules table, one
-device) and reports: `init`, building the state (its own jit: compile + run); `trace`, tracing and lowering the
+The model is --config's (default configs/large.py: its depth unless --num_layers, its attention and rules table) at
+the width the flags give. Each variant builds the project's train state and jitted train step (state.Trainer: AdamW,
+the config's rules table, one device) and reports: `init`, building the state (its own jit: compile + run); `trace`, tracing and lowering the
 train step; `compile`, XLA compiling it; `step`, the median of --steps steps after one warm-up. Variants are
 {unrolled,scan}-{none,save_matmuls,full}; large itself runs scan-full. Times depend on the machine's load: print
 `uptime` and the CPU model beside them. The last line is one JSON object.
@@ -13,22 +14,34 @@ train step; `compile`, XLA compiling it; `step`, the median of --steps steps aft
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import pathlib
 import statistics
-import sys
 import time
+import types
 
+from absl import app, flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxreward import model as model_lib, pipeline, sharding, state  # noqa: E402
-from configs import large  # noqa: E402
+from jaxreward import model as model_lib, pipeline, sharding, state
 
-VARIANTS = "unrolled-full,scan-none,scan-save_matmuls,scan-full"
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/large.py", "Run configuration file.", lock_config=True)
+_FLAGS = {
+    "num_layers": flags.DEFINE_integer("num_layers", 0, "layers; 0 = the config's"),
+    "hidden_size": flags.DEFINE_integer("hidden_size", 128, "model width"),
+    "num_heads": flags.DEFINE_integer("num_heads", 8, "query heads"),
+    "num_kv_heads": flags.DEFINE_integer("num_kv_heads", 2, "key/value heads"),
+    "mlp_dim": flags.DEFINE_integer("mlp_dim", 448, "SwiGLU width (large's 3.5 x hidden_size)"),
+    "vocab_size": flags.DEFINE_integer("vocab_size", 512, "vocabulary"),
+    "length": flags.DEFINE_integer("length", 128, "tokens per row"),
+    "pairs": flags.DEFINE_integer("pairs", 4, "pairs per step (2 rows each)"),
+    "dtype": flags.DEFINE_string("dtype", "float32", "compute dtype (large computes in bfloat16; CPUs time float32)"),
+    "steps": flags.DEFINE_integer("steps", 3, "timed steps after one warm-up"),
+    "variants": flags.DEFINE_string("variants", "unrolled-full,scan-none,scan-save_matmuls,scan-full",
+                                    "LAYOUT-REMAT pairs, comma-separated; LAYOUT is unrolled or scan"),
+}
 
 
 def batch_of(pairs: int, length: int, vocab: int) -> pipeline.Batch:
@@ -62,30 +75,19 @@ def run_variant(name: str, base: model_lib.ModelConfig, config, mesh, rule_table
           "step_s": round(statistics.median(times[1:]), 3), "loss": float(metrics["loss"] / metrics["count"])}
 
 
-def main(argv=None) -> list[dict]:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--num_layers", type=int, default=32)
-  p.add_argument("--hidden_size", type=int, default=128)
-  p.add_argument("--num_heads", type=int, default=8)
-  p.add_argument("--num_kv_heads", type=int, default=2)
-  p.add_argument("--mlp_dim", type=int, default=448, help="large's 3.5 x hidden_size")
-  p.add_argument("--vocab_size", type=int, default=512)
-  p.add_argument("--length", type=int, default=128)
-  p.add_argument("--pairs", type=int, default=4)
-  p.add_argument("--dtype", default="float32", help="large computes in bfloat16; CPUs are timed in float32")
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--variants", default=VARIANTS)
-  args = p.parse_args(argv)
-  config = large.get_config()
+def main(argv) -> None:
+  del argv
+  args = types.SimpleNamespace(**{name: flag.value for name, flag in _FLAGS.items()})
+  config = _CONFIG.value
   m = config.model
-  m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads = args.num_layers, args.hidden_size, args.num_heads, \
-      args.num_kv_heads
+  m.num_layers = args.num_layers or m.num_layers
+  m.hidden_size, m.num_heads, m.num_kv_heads = args.hidden_size, args.num_heads, args.num_kv_heads
   m.head_dim, m.mlp_dim, m.dtype = args.hidden_size // args.num_heads, args.mlp_dim, args.dtype
   config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 1
   base = model_lib.ModelConfig.from_config(m, args.vocab_size)
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   batch = batch_of(args.pairs, args.length, args.vocab_size)
-  print(f"large's shape: {base.num_layers} layers, d {base.hidden_size}, {base.num_heads}/{base.num_kv_heads} heads x "
+  print(f"model: {base.num_layers} layers, d {base.hidden_size}, {base.num_heads}/{base.num_kv_heads} heads x "
         f"{base.head_dim}, mlp {base.mlp_dim}, {base.dtype}, attention {base.attention}; {args.pairs} pairs x 2 x "
         f"{args.length} tokens; {jax.devices()[0].device_kind}, jax {jax.__version__}")
   results = []
@@ -95,8 +97,7 @@ def main(argv=None) -> list[dict]:
     print(f"{r['variant']:>18}: init {r['init_s']:6.2f} s  trace {r['trace_s']:6.2f} s  compile {r['compile_s']:6.2f} s"
           f"  step {r['step_s']:6.3f} s  loss {r['loss']:.5f}", flush=True)
   print(json.dumps(results))
-  return results
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
