@@ -11,9 +11,10 @@ the train step; `compile`, XLA compiling it; `step`, the median of --steps steps
 {unrolled,scan}-{none,save_matmuls,full}; large itself runs scan-full. Times depend on the machine's load: print
 `uptime` and the CPU model beside them. The last line is one JSON object.
 
-Measured with the defaults on 2 AMD EPYC cores shared with other jobs (load average 11-24 throughout, so the step
-times are mostly noise): unrolled-full init 186 s, trace 16.6 s, compile 171 s, step 19.0 s; scan-none 34.9 /
-3.7 / 35.0 s / 12.3 s; scan-save_matmuls 25.5 / 2.8 / 31.9 s / 8.6 s; scan-full 30.6 / 4.7 / 39.0 s / 12.0 s.
+Measured with the defaults on 2 AMD EPYC cores (load average 3.2), init / trace / compile / step in seconds:
+unrolled-full 31.9 / 2.73 / 13.7 / 1.61; scan-none 2.97 / 0.53 / 3.38 / 1.50; scan-save_matmuls 3.07 / 0.34 / 5.76 /
+2.09; scan-full 4.81 / 0.52 / 7.68 / 2.10. Under load 11-24 the same run gave compile 171 s unrolled-full vs 32-39 s
+scanned. On CPU a scanned step with remat is ~30% slower than the unrolled one: the scan is for compile time.
 """
 
 from __future__ import annotations
