@@ -44,7 +44,8 @@ def get_config():
   config.model.tie_embeddings = False  # As Llama-3-8B: the LM head is kept (unused) so exports round-trip.
   config.model.dtype = "bfloat16"  # bf16 matmuls on the MXU; fp32 parameters and Adam state.
   config.model.param_dtype = "float32"
-  config.model.remat = True
+  config.model.remat = "full"
+  config.model.scan_layers = True  # 32 blocks compiled once.
   config.model.attention = "xla"  # TPUs have no cuDNN; the L x L scores live for one block at a time.
   config.train.batch_size = 64  # A multiple of data x fsdp on every slice from 32 to 512 chips.
   config.train.num_epochs = 1.0

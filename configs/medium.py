@@ -42,7 +42,8 @@ def get_config():
   config.model.tie_embeddings = True  # As Llama-3.2-1B.
   config.model.dtype = "bfloat16"  # Matmuls in bf16; parameters and Adam state stay float32 for stable updates.
   config.model.param_dtype = "float32"
-  config.model.remat = True  # Recompute each block in the backward pass: ~16x fewer saved activations.
+  config.model.remat = "full"  # Recompute each block in the backward pass: ~16x fewer saved activations.
+  config.model.scan_layers = True  # 16 blocks compiled once.
   config.model.attention = "cudnn"  # Flash attention on NVIDIA GPUs; set "xla" on TPU or CPU.
   # cuDNN's kernel takes no segment mask here, so batches are length-bucketed; with attention=xla (TPU) set
   # data.packing=True for less padding.

@@ -33,6 +33,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     for key, value in values.items():
       if key == "rules":
         value = [tuple(r) for r in value]
+      if (section, key) == ("model", "remat"):
+        value = configuration.remat_policy(value)  # A boolean in work dirs from before the policies.
       config[section][key] = value
   return config
 

@@ -5,7 +5,8 @@ and resuming would then go back in time; a preservation policy keeps both. Each 
 `params`, `optimizer` (the step counter and Adam state) and `data` (the data iterator's state), so a resumed
 run continues on exactly the next batch, while scoring and export restore `params` alone (a third of the
 memory of the whole state). Work dirs written before the split hold one `state` item; they still restore
-(params-only loading then reads the whole state and keeps its parameters).
+(params-only loading then reads the whole state and keeps its parameters). A checkpoint whose blocks are laid out
+otherwise than the model's (one per layer vs stacked, model.scan_layers) is refused with the setting that reads it.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class Checkpointer:
 
   def restore(self, step: int, target_state):
     """(state, data state) onto `target_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
+    self._check_layout(step, target_state["params"])
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
       if self._single_item(step):
@@ -169,6 +171,7 @@ class Checkpointer:
   def restore_params(self, step: int, target_params, make_target_state=None):
     """The parameters alone onto `target_params` (arrays or ShapeDtypeStructs with shardings). A work dir from
     before the split needs `make_target_state()`, a whole train state to restore onto."""
+    self._check_layout(step, target_params)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
     if self._single_item(step):
       if make_target_state is None:
@@ -199,6 +202,21 @@ class Checkpointer:
     rest = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
                                                               data=ocp.args.JsonRestore()))
     return {"params": rest["params"], "optimizer": restored, "data": rest["data"]}
+
+  def _check_layout(self, step: int, target_params) -> None:
+    """A ConfigError (the step is sound, the setting is not: no fallback to older steps) when the step's blocks are
+    stacked and the model's are not, or the other way round."""
+    item = "state" if self._single_item(step) else "params"
+    try:
+      stored = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata.tree
+    except Exception:  # pylint: disable=broad-except  (a damaged step: the restore itself reports it)
+      return
+    stored_stacked = _blocks_stacked(stored.get("params", {}) if item == "state" else stored)
+    wanted_stacked = _blocks_stacked(target_params)
+    if None not in (stored_stacked, wanted_stacked) and stored_stacked != wanted_stacked:
+      layout = lambda stacked: "stacked on a layers axis" if stacked else "one per layer"
+      raise ConfigError(f"{self.directory}/{step}: the checkpoint holds the blocks {layout(stored_stacked)}, the "
+                        f"model {layout(wanted_stacked)}; set --config.model.scan_layers={stored_stacked} to read it")
 
   def _single_item(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), "state"))
@@ -264,6 +282,15 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"{self.directory}: finishing the last save failed ({_one_line(e)}); free space or "
                             "fix the folder, then re-run the same command") from None
+
+
+def _blocks_stacked(params) -> bool | None:
+  """Whether a parameter tree's blocks are one stacked module (model.scan_layers) rather than one per layer (keys
+  0, 1, ...); None when it has no blocks."""
+  blocks = params.get("backbone", {}).get("blocks") if hasattr(params, "get") else None
+  if not blocks:
+    return None
+  return not all(str(key).isdigit() for key in blocks.keys())
 
 
 def parse_which(text: str) -> str | int:

@@ -20,6 +20,16 @@ class ConfigError(ValueError):
   """A bad setting or input file, reported as one line before any compute."""
 
 
+REMAT_POLICIES = ("none", "save_matmuls", "full")  # model.remat; model.py implements them.
+# model.remat was a boolean before it named a policy: work dirs' config.json and old flags still say so.
+_OLD_REMAT = {"True": "full", "False": "none", "true": "full", "false": "none"}
+
+
+def remat_policy(value) -> str:
+  """The policy that a model.remat value names, old booleans (True, "False", ...) included."""
+  return _OLD_REMAT.get(str(value), value)
+
+
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
@@ -69,7 +79,13 @@ def defaults() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # Share input embedding and LM head (the LM head is unused for scoring).
   m.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters and Adam state stay param_dtype).
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
-  m.remat = False  # Recompute blocks in the backward pass: less activation memory, ~30% more compute.
+  # What each block's backward pass recomputes rather than keeps (activation memory vs compute): none keeps
+  # everything; save_matmuls keeps the q/k/v/o projections and recomputes norms, RoPE, attention and the MLP;
+  # full keeps only each block's input (~30% more compute). True / False (the old switch) mean full / none.
+  m.remat = "none"
+  # Stack the blocks' parameters on a leading "layers" axis and run them in one scan: compile time stops growing
+  # with depth (worth it from ~8 layers). Work dirs keep the layout they were trained with.
+  m.scan_layers = False
   # auto: cudnn on NVIDIA GPUs (bf16, unpacked rows; else xla), splash on TPU, blockwise on CPU. xla: the dense
   # reference (fp32 [rows, heads, L, L] logits); cudnn: fused, NVIDIA, bf16; splash: Pallas TPU kernel;
   # blockwise: flash attention in plain JAX (any backend; the CPU choice). See jaxreward/attention.py.
@@ -122,6 +138,7 @@ def defaults() -> ml_collections.ConfigDict:
       ("mlp", "tensor"),
       ("norm", None),
       ("score", None),
+      ("layers", None),  # The stacked blocks' leading axis (model.scan_layers): each device holds every layer.
   ]
 
   c.distributed = ds = ml_collections.ConfigDict()
@@ -155,6 +172,7 @@ _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "attention"): ("auto", "xla", "cudnn", "splash", "blockwise"),
+    ("model", "remat"): REMAT_POLICIES,
     ("train", "schedule"): ("cosine", "linear", "constant"),
     ("train", "loss"): ("bradley_terry", "plackett_luce"),
     ("train", "nan_policy"): ("stop", "skip"),
@@ -241,7 +259,8 @@ def validate(config) -> None:
   if config.model.rope_scaling is not None and not isinstance(config.model.rope_scaling, dict):
     raise ConfigError(f"config: model.rope_scaling={config.model.rope_scaling!r}; expected None or a dict")
   for (section, key), allowed in _CHOICES.items():
-    if config[section][key] not in allowed:
+    value = config[section][key]
+    if (remat_policy(value) if (section, key) == ("model", "remat") else value) not in allowed:
       raise ConfigError(f"config: {section}.{key}={config[section][key]!r}; expected one of {', '.join(allowed)}")
   for section, key in _POSITIVE:
     if not config[section][key] > 0:

@@ -20,7 +20,8 @@ import os
 import numpy as np
 from flax import nnx
 
-from jaxreward import export as export_lib, model as model_lib, tokenizer as tokenizer_lib, weights as weights_lib
+from jaxreward import configuration, export as export_lib, model as model_lib, tokenizer as tokenizer_lib
+from jaxreward import weights as weights_lib
 from jaxreward.configuration import ConfigError
 
 # model_type -> the prefix of its HF classes (`LlamaConfig`, `LlamaForSequenceClassification`, ...).
@@ -83,7 +84,8 @@ def _rope(hf: dict, folder: str) -> tuple[float, dict]:
 
 
 def model_config(folder: str, model_section) -> model_lib.ModelConfig:
-  """The architecture of the HF model in `folder`; dtype, remat and attention come from the run's model section.
+  """The architecture of the HF model in `folder`; dtype, remat, scan_layers and attention come from the run's model
+  section.
 
   The imported architecture is also written into `model_section`, so the run's saved config.json
   describes the model it trained (`artifacts.load` rebuilds it from there).
@@ -108,7 +110,8 @@ def model_config(folder: str, model_section) -> model_lib.ModelConfig:
         head_dim=int(hf.get("head_dim") or d // n), mlp_dim=int(hf["intermediate_size"]),
         rope_theta=0.0, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False is these families' default.
-        dtype=model_section.dtype, param_dtype=model_section.param_dtype, remat=model_section.remat,
+        dtype=model_section.dtype, param_dtype=model_section.param_dtype,
+        remat=configuration.remat_policy(model_section.remat), scan_layers=model_section.scan_layers,
         attention=model_section.attention)
   except KeyError as e:
     raise ConfigError(f"hf: {folder}/config.json lacks {e.args[0]!r}") from None
@@ -133,36 +136,55 @@ def model_config(folder: str, model_section) -> model_lib.ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _block_names(cfg: model_lib.ModelConfig) -> dict:
+  """A block's parameter path (within the block) -> (HF name after 'model.layers.{i}.', transpose?)."""
+  m = {("attn_norm", "scale"): ("input_layernorm.weight", False),
+       ("mlp_norm", "scale"): ("post_attention_layernorm.weight", False)}
+  for ours, theirs in (("q_DxNH", "q_proj"), ("k_DxKH", "k_proj"), ("v_DxKH", "v_proj"), ("o_NHxD", "o_proj")):
+    m[("attn", ours)] = (f"self_attn.{theirs}.weight", True)
+  if cfg.qkv_bias:
+    for ours, theirs in (("q_bias_NH", "q_proj"), ("k_bias_KH", "k_proj"), ("v_bias_KH", "v_proj")):
+      m[("attn", ours)] = (f"self_attn.{theirs}.bias", False)
+  for ours, theirs in (("gate_DxF", "gate_proj"), ("up_DxF", "up_proj"), ("down_FxD", "down_proj")):
+    m[("mlp", ours)] = (f"mlp.{theirs}.weight", True)
+  return m
+
+
 def name_map(cfg: model_lib.ModelConfig) -> dict:
-  """Our parameter path -> (HF name without the 'model.' prefix for backbone weights, transpose?)."""
+  """Our parameter path -> its `weights` entry: (HF name, transpose?), backbone names with HF's 'model.' prefix.
+
+  With `cfg.scan_layers` a block parameter is one leaf with a leading layers axis: its entry is a list of
+  (HF name, transpose?), item i naming the tensor of `leaf[i]` (layer i). Unstacked block parameters (path
+  `backbone.blocks.{i}...`) have one (name, transpose?) each.
+  """
   m = {("backbone", "embed_VxD"): ("model.embed_tokens.weight", False),
        ("backbone", "final_norm", "scale"): ("model.norm.weight", False),
        ("score_Dx1",): ("score.weight", True)}
   if not cfg.tie_embeddings:
     m[("lm_head_DxV",)] = ("lm_head.weight", True)
-  for i in range(cfg.num_layers):
-    b, p = ("backbone", "blocks", i), f"model.layers.{i}."
-    m[b + ("attn_norm", "scale")] = (p + "input_layernorm.weight", False)
-    m[b + ("mlp_norm", "scale")] = (p + "post_attention_layernorm.weight", False)
-    for ours, theirs in (("q_DxNH", "q_proj"), ("k_DxKH", "k_proj"), ("v_DxKH", "v_proj"), ("o_NHxD", "o_proj")):
-      m[b + ("attn", ours)] = (p + f"self_attn.{theirs}.weight", True)
-    if cfg.qkv_bias:
-      for ours, theirs in (("q_bias_NH", "q_proj"), ("k_bias_KH", "k_proj"), ("v_bias_KH", "v_proj")):
-        m[b + ("attn", ours)] = (p + f"self_attn.{theirs}.bias", False)
-    for ours, theirs in (("gate_DxF", "gate_proj"), ("up_DxF", "up_proj"), ("down_FxD", "down_proj")):
-      m[b + ("mlp", ours)] = (p + f"mlp.{theirs}.weight", True)
+  layers = [f"model.layers.{i}." for i in range(cfg.num_layers)]
+  for ours, (theirs, transpose) in _block_names(cfg).items():
+    if cfg.scan_layers:
+      m[("backbone", "blocks") + ours] = [(p + theirs, transpose) for p in layers]
+    else:
+      m.update({("backbone", "blocks", i) + ours: (p + theirs, transpose) for i, p in enumerate(layers)})
   return m
 
 
 def _config_of(params) -> model_lib.ModelConfig:
-  """Reads the architecture back from parameter shapes (enough for `name_map`)."""
+  """Reads the architecture and layer layout back from parameter shapes (enough for `name_map`)."""
   flat = dict(nnx.to_flat_state(params))
-  num_layers = len({p[2] for p in flat if p[:2] == ("backbone", "blocks")})
+  block_paths = [p for p in flat if p[:2] == ("backbone", "blocks")]
+  stacked = not isinstance(block_paths[0][2], int)
+  if stacked:
+    num_layers = flat[("backbone", "blocks", "attn_norm", "scale")].shape[0]
+  else:
+    num_layers = len({p[2] for p in block_paths})
   v, d = flat[("backbone", "embed_VxD")].shape
   qkv_bias = any(p[-1] == "q_bias_NH" for p in flat)
   return model_lib.ModelConfig(vocab_size=v, hidden_size=d, num_layers=num_layers, num_heads=1, num_kv_heads=1,
                                head_dim=2, mlp_dim=1, qkv_bias=qkv_bias,
-                               tie_embeddings=("lm_head_DxV",) not in flat)
+                               tie_embeddings=("lm_head_DxV",) not in flat, scan_layers=stacked)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -67,8 +67,9 @@ def shard_shape(shape, logical_axes, mesh_shape: dict, rule_table) -> tuple:
   return tuple(out)
 
 
-def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length: int) -> tuple[int, int]:
-  """(bytes a block saves per token for its backward pass, bytes of its block input) under `tensor`-way TP.
+def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length: int) -> tuple[int, int, int]:
+  """(bytes a block saves per token for its backward pass, bytes of its block input, bytes of the projections that
+  remat 'save_matmuls' keeps) under `tensor`-way TP.
 
   Counted per token and block: two RMSNorms (fp32 upcast + output), q/k/v and their fp32 RoPE copies,
   the attention output, o-projection, the SwiGLU gate/up/product and down projection; plus, when the attention
@@ -82,11 +83,12 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length:
   saved = b * (2 * d + (nh + 2 * kh) + nh + d + 3 * ft + d) + 4 * (2 * d + (nh + kh))
   if attention.resolve(cfg.attention, cfg.dtype, packed=False) == "xla":
     saved += nt * length * (4 + b)
-  return int(saved), int(b * d)
+  named = b * (nh + 2 * kh + d)  # model.SAVED_MATMULS: q, k, v and o projection outputs.
+  return int(saved), int(b * d), int(named)
 
 
 def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_size: int, max_length: int,
-             remat: bool | None = None, param_dtype: str | None = None, dtype: str | None = None,
+             remat: str | None = None, param_dtype: str | None = None, dtype: str | None = None,
              grad_accum_steps: int = 1) -> dict:
   """Per-device bytes of one training step; `mesh_shape` maps data/fsdp/tensor to (resolved) sizes.
 
@@ -111,12 +113,13 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
   batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
   local_sequences = 2 * -(-batch_size // (batch_ways * grad_accum_steps))
   tensor = mesh_shape["tensor"]
-  block_saved, block_input = _activation_bytes_per_token(cfg, tensor, max_length)
+  block_saved, block_input, block_named = _activation_bytes_per_token(cfg, tensor, max_length)
   tokens = local_sequences * max_length
-  if cfg.remat:
-    # Each block keeps only its input; its internals are recomputed one block at a time in the backward pass,
-    # where that block's saved values and their gradients are live together.
-    activations = tokens * (cfg.num_layers * block_input + 2 * block_saved)
+  if cfg.remat != "none":
+    # Each block keeps its input (and with save_matmuls its named projections); the rest is recomputed one block
+    # at a time in the backward pass, where that block's saved values and their gradients are live together.
+    kept = block_input + (block_named if cfg.remat == "save_matmuls" else 0)
+    activations = tokens * (cfg.num_layers * kept + 2 * block_saved)
   else:
     activations = tokens * (cfg.num_layers * block_saved + block_saved)
   # Embedding output and final norm: two more residual-stream copies, plus their fp32 gradient.
@@ -125,9 +128,10 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
   # FSDP all-gathers one block's weights (in compute dtype) right before use and XLA prefetches the next one.
   gathered = 0
   if mesh_shape["fsdp"] > 1:
-    block_rows = [r for r in rows if ".blocks.0." in f".{r[0]}."]
+    # All blocks' rows, unstacked (blocks.{i}.*) or stacked on the replicated layers axis (blocks.*), over depth.
+    block_rows = [r for r in rows if r[0].startswith("backbone.blocks.")]
     block_params_per_device = sum(math.prod(shard_shape(shape, axes, {**mesh_shape, "fsdp": 1}, rules))
-                                  for _, axes, shape, _ in block_rows)
+                                  for _, axes, shape, _ in block_rows) // cfg.num_layers
     gathered = 2 * block_params_per_device * np.dtype(cfg.dtype).itemsize
 
   result = {
@@ -179,7 +183,7 @@ def render(est: dict) -> str:
       f"memory per device: {info['num_parameters'] / 1e9:.2f}B parameters on mesh {mesh} ({info['devices']} "
       f"devices); {info['local_sequences']} sequences x {info['max_length']} tokens per device per "
       f"{'microbatch' if info['grad_accum_steps'] > 1 else 'step'}; compute {info['dtype']}, parameters "
-      f"{info['param_dtype']}, remat {'on' if info['remat'] else 'off'}, attention {info['attention']}",
+      f"{info['param_dtype']}, remat {info['remat']}, attention {info['attention']}",
       f"  parameters        {gib(est['parameters'])}",
       f"  gradients         {gib(est['gradients'])}  ({info['trained_parameters'] / 1e9:.2f}B trained parameters)",
       f"  Adam state        {gib(est['adam_state'])}",

@@ -17,11 +17,22 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from jaxreward import attention
+from jaxreward import attention, configuration
 
 # Logical axis names; `configs/*.py` map them to mesh axes.
 VOCAB, EMBED, HEADS, KV_HEADS, MLP, NORM, SCORE = "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "score"
+# The leading axis of stacked block parameters (model.scan_layers); every config maps it to None (replicated).
+LAYERS = "layers"
+
+# model.remat (configuration.REMAT_POLICIES): what each block's backward pass recomputes instead of keeping.
+#   none          keep everything (the fastest; activation memory grows with depth).
+#   save_matmuls  keep the attention projections' outputs (q, k, v and o: head- or D-wide, cheap to store), recompute
+#                 the norms, RoPE, attention and the F-wide MLP (its gate/up products are the widest activations).
+#                 The MLP's down projection is not named: only the residual sum reads it, so no backward needs it.
+#   full          keep only each block's input; recompute the whole block.
+SAVED_MATMULS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +52,8 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # Compute dtype; parameters stay in param_dtype.
   param_dtype: str = "float32"
-  remat: bool = False  # Recompute each block in the backward pass to save activation memory.
+  remat: str = "none"  # One of REMAT_POLICIES.
+  scan_layers: bool = False  # Blocks stacked on a leading LAYERS axis and applied in one nnx.scan.
   attention: str = "auto"  # One of attention.IMPLEMENTATIONS; auto picks the platform's fused kernel.
   init_std: float = 0.02
 
@@ -56,7 +68,8 @@ class ModelConfig:
         mlp_dim=model_cfg.mlp_dim, rope_theta=float(model_cfg.rope_theta),
         rope_scaling=tuple(sorted(dict(scaling).items())), norm_eps=float(model_cfg.norm_eps),
         qkv_bias=model_cfg.qkv_bias, tie_embeddings=model_cfg.tie_embeddings, dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype, remat=model_cfg.remat, attention=model_cfg.attention)
+        param_dtype=model_cfg.param_dtype, remat=configuration.remat_policy(model_cfg.remat),
+        scan_layers=model_cfg.scan_layers, attention=model_cfg.attention)
 
   def num_parameters(self) -> int:
     d, n, k, h, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -66,6 +79,15 @@ class ModelConfig:
     embeddings = v * d * (1 if self.tie_embeddings else 2)
     # The untied LM head is kept so that imported SFT checkpoints round-trip; it is unused for scoring.
     return embeddings + self.num_layers * block + d + d
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of a model.remat name other than 'none'."""
+  if name == "save_matmuls":
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_MATMULS)
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  raise ValueError(f"model.remat={name!r}; expected one of {', '.join(configuration.REMAT_POLICIES)}")
 
 
 def _param(rngs, shape, axes, std, dtype):
@@ -137,9 +159,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, inv_freq_H2, segments_BxL=None, branches_BxL=None):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, l, _ = x_BxLxD.shape
-    q_BxLxNH = jnp.einsum("bld,de->ble", x_BxLxD, self.q_DxNH[...].astype(dt))
-    k_BxLxKH = jnp.einsum("bld,de->ble", x_BxLxD, self.k_DxKH[...].astype(dt))
-    v_BxLxKH = jnp.einsum("bld,de->ble", x_BxLxD, self.v_DxKH[...].astype(dt))
+    q_BxLxNH = checkpoint_name(jnp.einsum("bld,de->ble", x_BxLxD, self.q_DxNH[...].astype(dt)), "q_proj")
+    k_BxLxKH = checkpoint_name(jnp.einsum("bld,de->ble", x_BxLxD, self.k_DxKH[...].astype(dt)), "k_proj")
+    v_BxLxKH = checkpoint_name(jnp.einsum("bld,de->ble", x_BxLxD, self.v_DxKH[...].astype(dt)), "v_proj")
     if cfg.qkv_bias:
       q_BxLxNH += self.q_bias_NH[...].astype(dt)
       k_BxLxKH += self.k_bias_KH[...].astype(dt)
@@ -151,7 +173,8 @@ class Attention(nnx.Module):
     # keeps padding out of every position that matters; packed rows add the segment rule (attention.py).
     out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, cfg.attention,
                                      branches_BxL)
-    return jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt))
+    return checkpoint_name(jnp.einsum("ble,ed->bld", out_BxLxNxH.reshape(b, l, -1), self.o_NHxD[...].astype(dt)),
+                           "o_proj")
 
 
 class FeedForward(nnx.Module):
@@ -187,7 +210,16 @@ class Backbone(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_VxD = _param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), cfg.init_std, cfg.param_dtype)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      # One Block whose every parameter has a leading [num_layers] axis, each layer from its own key.
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+      def stacked(layer_rngs):
+        return Block(cfg, layer_rngs)
+
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.param_dtype)
 
   def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None, branches_BxL=None):
@@ -198,12 +230,19 @@ class Backbone(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.arange(tokens_BxL.shape[1])[None]
     inv_freq_H2 = rope_frequencies(self.cfg)
-    for block in self.blocks:
-      if self.cfg.remat:
-        h_BxLxD = nnx.remat(lambda blk, h: blk(h, positions_BxL, inv_freq_H2, segments_BxL, branches_BxL))(
-            block, h_BxLxD)
-      else:
-        h_BxLxD = block(h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL, branches_BxL)
+
+    def apply(h_BxLxD, block):
+      return block(h_BxLxD, positions_BxL, inv_freq_H2, segments_BxL, branches_BxL)
+
+    if self.cfg.remat != "none":
+      apply = nnx.remat(apply, policy=remat_policy(self.cfg.remat))
+    if self.cfg.scan_layers:
+      # One traced block for all layers: compile time no longer grows with depth.
+      h_BxLxD = nnx.scan(apply, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                         transform_metadata={nnx.PARTITION_NAME: LAYERS})(h_BxLxD, self.blocks)
+    else:
+      for block in self.blocks:
+        h_BxLxD = apply(h_BxLxD, block)
     return self.final_norm(h_BxLxD)
 
 

@@ -81,8 +81,8 @@ def check_memory(config, model_cfg: model_lib.ModelConfig, mesh_shape: dict, log
   gib = lambda x: f"{x / memory.GiB:,.1f} GiB"
   message = (f"memory: the run needs an estimated {gib(est['total'])} per device ({gib(est['activations'])} of "
              f"activations) but {what} has {gib(capacity)}; lower data.max_length or train.batch_size, raise "
-             "train.grad_accum_steps, set model.remat=True or model.dtype=bfloat16, or shard over more devices "
-             "(mesh.fsdp); python tools/memory.py prints the estimate for any setting")
+             "train.grad_accum_steps, set model.remat=full (or save_matmuls) or model.dtype=bfloat16, or shard over "
+             "more devices (mesh.fsdp); python tools/memory.py prints the estimate for any setting")
   if est["total"] > FAR_ABOVE * usable:
     raise ConfigError(message)
   log(f"warning: {message}")

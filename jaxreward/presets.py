@@ -13,7 +13,7 @@ from __future__ import annotations
 # The batch is split over every axis that does not split the model's width, so no device computes a
 # duplicate of another's activations.
 _BATCH = ("batch", ("data", "fsdp"))
-_REPLICATED = [("norm", None), ("score", None)]
+_REPLICATED = [("norm", None), ("score", None), ("layers", None)]  # layers: the stacked blocks' axis.
 
 PRESETS = {
     # Small models, or many devices over a slow interconnect: state is replicated, only gradients are reduced.

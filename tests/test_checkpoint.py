@@ -2,6 +2,7 @@
 latest step falls back to the previous one; a failed save or a non-finite stop ends in one line with every
 committed step intact, and the re-run is exact."""
 
+import dataclasses
 import json
 import os
 import re
@@ -246,6 +247,25 @@ def test_adam_moments_of_the_lm_head_from_before_it_was_frozen_are_dropped(tmp_p
   assert_trees_equal(ckpt.restore(3, target)[0], restored)
   with pytest.raises(checkpoint.CheckpointError, match="4: unreadable"):
     ckpt.restore(4, target)
+  ckpt.close()
+
+
+def test_a_checkpoint_of_the_other_block_layout_is_refused_in_one_line(trainer, tmp_path):
+  """Blocks saved one per layer (work dirs from before model.scan_layers) against a stacked model: the setting that
+  reads them, and no fallback (the step is not damaged)."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep_best=1)
+  ckpt.save(2, trainer.state, {"next": 2}, {"val_accuracy": 0.5, "val_loss": 1.0})
+  ckpt.wait()
+  stacked = dataclasses.replace(trainer.model_cfg, scan_layers=True)
+  _, target = state.params_target(stacked, trainer.mesh, trainer.rule_table)
+  message = "holds the blocks one per layer, the model stacked on a layers axis; set --config.model.scan_layers=False"
+  with pytest.raises(ConfigError, match=message) as error:
+    ckpt.restore_params(2, target)
+  assert not isinstance(error.value, checkpoint.CheckpointError)
+  _, target_state, _ = state.create_state(stacked, trainer.tx, trainer.mesh, trainer.rule_table, seed=0)
+  with pytest.raises(ConfigError, match=message):
+    ckpt.restore_latest(target_state, accept=lambda data: None, log=print)
+  assert ckpt.all_steps() == [2]
   ckpt.close()
 
 

@@ -1,12 +1,13 @@
 """Bad configs fail before any compute, with one line naming the key."""
 
+import json
 import subprocess
 import sys
 
 import ml_collections
 import pytest
 
-from jaxreward import configuration
+from jaxreward import artifacts, configuration, model as model_lib
 from tests.conftest import ROOT, load_config
 
 
@@ -27,6 +28,7 @@ def test_shipped_configs_validate(name):
     ("data", "pack_length", 60, "data.pack_length=60; expected 0 or a multiple of 8 >= data.max_length"),
     ("gate", "max_gap", 2.0, "gate.max_gap"),
     ("mesh", "tensor", 0, "mesh.tensor=0"),
+    ("model", "remat", "sometimes", "model.remat='sometimes'; expected one of none, save_matmuls, full"),
 ])
 def test_bad_values(section, key, value, message):
   config = load_config("tiny")
@@ -34,6 +36,27 @@ def test_bad_values(section, key, value, message):
   with pytest.raises(configuration.ConfigError, match=None) as err:
     configuration.validate(config)
   assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value,policy", [("True", "full"), ("false", "none"), ("save_matmuls", "save_matmuls")])
+def test_remat_accepts_the_old_booleans(tmp_path, value, policy):
+  """--config.model.remat=True (a string: the field is one) and a work dir's config.json from before the policies
+  (a JSON boolean) both still mean what they meant."""
+  config = load_config("tiny")
+  config.model.remat = value
+  configuration.validate(config)
+  assert model_lib.ModelConfig.from_config(config.model, 64).remat == policy
+  raw = config.to_dict()
+  raw["model"]["remat"] = value.lower() == "true" if value in ("True", "false") else value
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  assert artifacts.read_config(str(tmp_path)).model.remat == policy
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "large", "smollm2_135m"])
+def test_configs_scan_deep_models_and_map_the_layers_axis(name):
+  config = load_config(name)
+  assert config.model.scan_layers == (name in ("medium", "large", "smollm2_135m"))
+  assert ("layers", None) in [tuple(rule) for rule in config.mesh.rules]
 
 
 def test_packing_with_cudnn_attention_is_refused():

@@ -69,9 +69,12 @@ def _mesh():
   return sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
 
 
-def _import(folder, sharded=False):
-  """Our model from an HF folder; `sharded` goes through the trainer's sharded state on the 8 fake devices."""
-  model_cfg = hf.model_config(str(folder), configuration.defaults().model)
+def _import(folder, sharded=False, scan_layers=False):
+  """Our model from an HF folder; `sharded` goes through the trainer's sharded state on the 8 fake devices;
+  `scan_layers` imports into the stacked layout."""
+  section = configuration.defaults().model
+  section.scan_layers = scan_layers
+  model_cfg = hf.model_config(str(folder), section)
   if not sharded:
     with nnx.use_eager_sharding(False):
       model = model_lib.RewardModel(model_cfg, nnx.Rngs(1))
@@ -113,13 +116,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("Llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
-    ("Qwen2", dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+@pytest.mark.parametrize("family,overrides,scan_layers", [
+    ("Llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), True),
+    ("Qwen2", dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), False),
 ])
-def test_import_matches_transformers_hidden_states(tmp_path, tok, family, overrides):
+def test_import_matches_transformers_hidden_states(tmp_path, tok, family, overrides, scan_layers):
   theirs = _save_tiny(tmp_path, family, tok, **overrides)
-  ours, _ = _import(tmp_path, sharded=True)
+  ours, params = _import(tmp_path, sharded=True, scan_layers=scan_layers)
+  q = dict(nnx.to_flat_state(params))[("backbone", "blocks", "attn", "q_DxNH") if scan_layers else
+                                      ("backbone", "blocks", 0, "attn", "q_DxNH")].get_value()
+  assert q.shape == ((2, 32, 32) if scan_layers else (32, 32))  # Stacked: [layers, D, N·H].
   assert ours.cfg.qkv_bias == (family == "Qwen2") and ours.cfg.tie_embeddings == overrides["tie_word_embeddings"]
   tokens, lengths, mask = _batch(tok, SENTENCES)
   with torch.no_grad():
@@ -134,12 +140,12 @@ def test_import_matches_transformers_hidden_states(tmp_path, tok, family, overri
 # --- (b) export: transformers scores equal ours; (c) round trip --------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
-def test_export_scores_match_transformers_and_round_trip(tmp_path, tok, family):
+@pytest.mark.parametrize("family,scan_layers", [("Llama", False), ("Qwen2", True)])
+def test_export_scores_match_transformers_and_round_trip(tmp_path, tok, family, scan_layers):
   if family == "Qwen2":  # transformers 5 loads a qwen2 folder's tokenizer with Qwen2's pre-tokenizer.
     tok = qwen2_style_bpe(SENTENCES * 20, 300)
   _save_tiny(tmp_path / "sft", family, tok, tie_word_embeddings=family == "Llama")
-  ours, params = _import(tmp_path / "sft")
+  ours, params = _import(tmp_path / "sft", scan_layers=scan_layers)
   # Qwen2's weights go out in several shards plus their index (what a big model gets): transformers reads them.
   shard_bytes = 20_000 if family == "Qwen2" else weights.DEFAULT_SHARD_BYTES
   out = hf.export(ours, tok, str(tmp_path / "rm"), reward_stats={"mean": 0.5, "std": 2.0}, max_shard_bytes=shard_bytes)
@@ -166,7 +172,7 @@ def test_export_scores_match_transformers_and_round_trip(tmp_path, tok, family):
   np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
   # (c) import(export(x)) == x: same architecture, same weights (an untied LM head is not part of an RM export).
-  again, again_params = _import(tmp_path / "rm")
+  again, again_params = _import(tmp_path / "rm", scan_layers=scan_layers)
   assert again.cfg == ours.cfg
   before, after = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(again_params))
   assert before.keys() == after.keys()

@@ -1,5 +1,6 @@
 """The memory estimate against the arrays a created state really puts on a device, and known arithmetic."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -17,14 +18,16 @@ def shard_bytes(tree, min_ndim=0):
   return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree) if x.ndim >= min_ndim)
 
 
-@pytest.mark.parametrize("preset,sizes", [("dp", {}), ("fsdp", {}), ("fsdp_tp", {"fsdp": 2, "tensor": 4}),
-                                          ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2})])
-def test_state_bytes_equal_the_created_state(preset, sizes):
+@pytest.mark.parametrize("preset,sizes,scan_layers", [
+    ("dp", {}, False), ("fsdp", {}, True), ("fsdp_tp", {"fsdp": 2, "tensor": 4}, False),
+    ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}, True)])
+def test_state_bytes_equal_the_created_state(preset, sizes, scan_layers):
   config = presets.apply(load_config("tiny"), preset, **sizes)
   mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   tx, _ = optimizer.make(config.train, 10)
-  _, state, _ = state_lib.create_state(CFG, tx, mesh, rule_table, seed=0)
-  est = memory.estimate(CFG, dict(mesh.shape), rule_table, batch_size=16, max_length=64)
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)  # Stacked blocks: same bytes, a replicated layers axis.
+  _, state, _ = state_lib.create_state(cfg, tx, mesh, rule_table, seed=0)
+  est = memory.estimate(cfg, dict(mesh.shape), rule_table, batch_size=16, max_length=64)
   assert est["parameters"] == shard_bytes(state["params"])
   # Adam's mu and nu; the step counters are scalars and not counted.
   assert est["adam_state"] == shard_bytes(state["opt_state"], min_ndim=1)
@@ -49,10 +52,16 @@ def test_known_arithmetic():
   four = memory.estimate(CFG, {"data": 2, "fsdp": 2, "tensor": 1}, rules, 16, 64)
   assert four["info"]["local_sequences"] == 8 and one["info"]["local_sequences"] == 32
   assert four["activations"] * 4 == one["activations"]
-  assert four["gathered_weights"] > 0  # fsdp > 1 gathers a block at a time.
-  # Remat keeps one block's internals instead of every block's; flash attention drops the L x L scores exactly.
-  assert memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64, remat=True)["activations"] < \
-         one["activations"]
+  assert four["gathered_weights"] > 0  # fsdp > 1 gathers a block at a time, whatever the layout.
+  assert memory.estimate(dataclasses.replace(CFG, scan_layers=True), {"data": 2, "fsdp": 2, "tensor": 1}, rules, 16,
+                         64) == four
+  # Remat keeps one block's internals instead of every block's, save_matmuls also each block's q, k, v and o
+  # projections; flash attention drops the L x L scores exactly.
+  full, save = (memory.estimate(CFG, {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64, remat=policy)["activations"]
+                for policy in ("full", "save_matmuls"))
+  assert full < one["activations"]
+  projections = 4 * (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim + 4 * CFG.hidden_size  # fp32 q, k, v, o
+  assert save - full == 32 * 64 * CFG.num_layers * projections
   flash = memory.estimate(model_lib.ModelConfig(**{**CFG.__dict__, "attention": "cudnn"}),
                           {"data": 1, "fsdp": 1, "tensor": 1}, rules, 16, 64)
   scores = 32 * 64 * CFG.num_heads * 64 * (4 + 4)  # sequences x L query rows x heads x L keys x (fp32 logits+probs)

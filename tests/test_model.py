@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxreward import model as model_lib
@@ -68,3 +69,84 @@ def test_bfloat16_compute_stays_close_to_float32():
   tokens = jnp.asarray(np.random.default_rng(2).integers(2, 97, size=(4, 16)), jnp.int32)
   lengths = jnp.array([16, 10, 5, 1])
   np.testing.assert_allclose(m16(tokens, lengths), m32(tokens, lengths), atol=5e-2)
+
+
+def stacked_copy(model, cfg):
+  """A scan_layers model holding `model`'s weights: its blocks' parameters stacked on a leading axis."""
+  scanned = build(cfg)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  stacked = []
+  for path, var in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):
+    if path[:2] == ("backbone", "blocks"):
+      layers = [flat[path[:2] + (i,) + path[2:]].get_value() for i in range(cfg.num_layers)]
+      stacked.append((path, var.replace(jnp.stack(layers))))
+    else:
+      stacked.append((path, var.replace(flat[path].get_value())))
+  nnx.update(scanned, nnx.from_flat_state(stacked))
+  return scanned
+
+
+def loss_and_grads(model):
+  """A scalar of every packed-row reward (two segments per row, padding) and its gradients."""
+  rng = np.random.default_rng(3)
+  tokens_GxRxL = jnp.asarray(rng.integers(2, 97, size=(2, 2, 12)), jnp.int32)
+  positions = jnp.asarray(np.tile(np.r_[np.arange(5), np.arange(5), 0, 0], (2, 2, 1)), jnp.int32)
+  segments = jnp.asarray(np.tile(np.r_[[1] * 5, [2] * 5, 0, 0], (2, 2, 1)), jnp.int32)
+  ends_GxBxP = jnp.asarray([[[4, 9], [16, 21]]] * 2, jnp.int32)
+
+  def f(m):
+    r = m.score(tokens_GxRxL, ends_GxBxP, positions, segments)
+    return jnp.sum(r * jnp.arange(1.0, 1.0 + r.size).reshape(r.shape))
+
+  value, grads = nnx.jit(nnx.value_and_grad(f))(model)
+  return value, {p: v.get_value() for p, v in nnx.to_flat_state(grads)}
+
+
+def test_scanned_layers_equal_unrolled_layers_and_their_gradients():
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, "num_layers": 3})
+  unrolled = build(cfg)
+  scanned = stacked_copy(unrolled, model_lib.ModelConfig(**{**cfg.__dict__, "scan_layers": True}))
+  value_u, grads_u = loss_and_grads(unrolled)
+  value_s, grads_s = loss_and_grads(scanned)
+  np.testing.assert_allclose(value_s, value_u, rtol=1e-5)
+  for path, g in grads_s.items():
+    if path[:2] == ("backbone", "blocks"):
+      want = jnp.stack([grads_u[path[:2] + (i,) + path[2:]] for i in range(cfg.num_layers)])
+    else:
+      want = grads_u[path]
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("remat,scan_layers", [("save_matmuls", True), ("full", False)])
+def test_remat_policies_equal_no_remat(remat, scan_layers):
+  base = model_lib.ModelConfig(**{**CFG.__dict__, "scan_layers": scan_layers})
+  model = build(base)
+  value, grads = loss_and_grads(model)
+  rematted = build(model_lib.ModelConfig(**{**base.__dict__, "remat": remat}))
+  nnx.update(rematted, nnx.state(model, nnx.Param))
+  value_r, grads_r = loss_and_grads(rematted)
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  for path, g in grads.items():
+    np.testing.assert_allclose(grads_r[path], g, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_remat_policy_names_saved_values():
+  """What a rematted block keeps for its backward pass (the residuals of its VJP): the input alone with full, plus
+  the named attention projections with save_matmuls."""
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, "num_layers": 1})
+  block = build(cfg).backbone.blocks[0]
+  h = jnp.ones((1, 6, cfg.hidden_size))
+  inv_freq = model_lib.rope_frequencies(cfg)
+  graphdef, params = nnx.split(block)
+
+  def f(h):
+    return nnx.merge(graphdef, params)(h, jnp.arange(6)[None], inv_freq)
+
+  saved = {}
+  for name in ("save_matmuls", "full"):
+    policy = model_lib.remat_policy(name)
+    _, vjp = jax.vjp(jax.checkpoint(f, policy=policy), h)
+    saved[name] = sum(x.size for x in jax.tree.leaves(vjp))
+  # q, k, v: B·L·(N+2K)·H; o: B·L·D.
+  extra = 6 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 6 * cfg.hidden_size
+  assert saved["save_matmuls"] - saved["full"] == extra

@@ -35,8 +35,9 @@ def test_unannotated_large_parameter_is_an_error():
     sharding.check_annotated(nnx.state(Bad(), nnx.Param))
 
 
-def _run_steps(mesh_config, num_steps=5, packed=False):
+def _run_steps(mesh_config, num_steps=5, packed=False, scan_layers=False):
   config = load_config("tiny")
+  config.model.scan_layers = scan_layers
   tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
   enc = tokenizer.encode(synthetic.generate(200, 0), tok, 64, "keep_end")
   model_cfg = model_lib.ModelConfig.from_config(config.model, len(tok))
@@ -58,18 +59,20 @@ def _run_steps(mesh_config, num_steps=5, packed=False):
   return np.array(losses), jax.device_get(trainer.state["params"]), trainer.state
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_sharded_training_equals_single_device(packed):
+@pytest.mark.parametrize("packed,scan_layers", [(False, False), (True, False), (True, True)])
+def test_sharded_training_equals_single_device(packed, scan_layers):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-  single, params_1, _ = _run_steps(mesh_cfg(1, 1, 1), packed=packed)
-  sharded, params_8, state_8 = _run_steps(mesh_cfg(2, 2, 2), packed=packed)
+  single, params_1, _ = _run_steps(mesh_cfg(1, 1, 1), packed=packed, scan_layers=scan_layers)
+  sharded, params_8, state_8 = _run_steps(mesh_cfg(2, 2, 2), packed=packed, scan_layers=scan_layers)
   np.testing.assert_allclose(sharded, single, atol=1e-4)
   for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
     np.testing.assert_allclose(a, b, atol=1e-4)
-  # The parameters really were split: the MLP kernel lives on the fsdp x tensor grid.
-  gate = state_8["params"]["backbone"]["blocks"][0]["mlp"]["gate_DxF"][...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert gate.addressable_shards[0].data.shape == (gate.shape[0] // 2, gate.shape[1] // 2)
+  # The parameters really were split: the MLP kernel lives on the fsdp x tensor grid (every layer, when stacked).
+  blocks = state_8["params"]["backbone"]["blocks"]
+  gate = (blocks if scan_layers else blocks[0])["mlp"]["gate_DxF"][...]
+  lead = (None,) if scan_layers else ()
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(*lead, "fsdp", "tensor")
+  assert gate.addressable_shards[0].data.shape == gate.shape[:len(lead)] + (gate.shape[-2] // 2, gate.shape[-1] // 2)
 
 
 def test_packed_training_equals_bucketed_training():

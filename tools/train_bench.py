@@ -24,7 +24,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from jaxreward import model as model_lib, pipeline, sharding, state, synthetic
+from jaxreward import configuration, model as model_lib, pipeline, sharding, state, synthetic
 from jaxreward.configuration import defaults
 
 
@@ -103,7 +103,8 @@ _FLAGS = {
     "mlp_dim": flags.DEFINE_integer("mlp_dim", 0, "0 = 4 x hidden_size"),
     "vocab_size": flags.DEFINE_integer("vocab_size", 32768, "vocabulary"),
     "dtype": flags.DEFINE_string("dtype", "bfloat16", "compute dtype"),
-    "remat": flags.DEFINE_bool("remat", False, "recompute each block in the backward pass"),
+    "remat": flags.DEFINE_enum("remat", "none", configuration.REMAT_POLICIES, "what each block's backward recomputes"),
+    "scan_layers": flags.DEFINE_bool("scan_layers", False, "blocks stacked and applied in one scan"),
     "length": flags.DEFINE_integer("length", 2048, "tokens per row"),
     "pairs": flags.DEFINE_integer("pairs", 4, "unpacked: pairs x 2 rows; packed rows: the same count"),
     "packed_median": flags.DEFINE_float("packed_median", 350.0, "median synthetic sequence length, packed"),
@@ -123,7 +124,7 @@ def main(argv) -> None:
       vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
       num_kv_heads=args.num_kv_heads, head_dim=args.hidden_size // args.num_heads,
       mlp_dim=args.mlp_dim or 4 * args.hidden_size, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True,
-      dtype=args.dtype, remat=args.remat)
+      dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers)
   mesh_cfg = defaults().mesh
   mesh_cfg.data = 1
   mesh, rule_table = sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
