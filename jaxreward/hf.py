@@ -13,14 +13,13 @@ weights.py's job.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import numpy as np
 from flax import nnx
 
-from jaxreward import configuration, export as export_lib, model as model_lib, tokenizer as tokenizer_lib
+from jaxreward import export as export_lib, model as model_lib, tokenizer as tokenizer_lib
 from jaxreward import weights as weights_lib
 from jaxreward.configuration import ConfigError
 
@@ -104,31 +103,26 @@ def model_config(folder: str, model_section) -> model_lib.ModelConfig:
   # Mistral's sliding_window (4096 and up) only matters past that many tokens; reward-model inputs are shorter.
   try:
     d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    cfg = model_lib.ModelConfig(
-        vocab_size=int(hf["vocab_size"]), hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
-        num_heads=n, num_kv_heads=int(hf.get("num_key_value_heads") or n),
-        head_dim=int(hf.get("head_dim") or d // n), mlp_dim=int(hf["intermediate_size"]),
-        rope_theta=0.0, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False is these families' default.
-        dtype=model_section.dtype, param_dtype=model_section.param_dtype,
-        remat=configuration.remat_policy(model_section.remat), scan_layers=model_section.scan_layers,
-        attention=model_section.attention)
+    arch = {"hidden_size": d, "num_layers": int(hf["num_hidden_layers"]), "num_heads": n,
+            "num_kv_heads": int(hf.get("num_key_value_heads") or n), "head_dim": int(hf.get("head_dim") or d // n),
+            "mlp_dim": int(hf["intermediate_size"]), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "qkv_bias": model_type == "qwen2",
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}  # False is these families' default.
+    vocab_size = int(hf["vocab_size"])
   except KeyError as e:
     raise ConfigError(f"hf: {folder}/config.json lacks {e.args[0]!r}") from None
   except (TypeError, ValueError, ZeroDivisionError) as e:
     raise ConfigError(f"hf: {folder}/config.json: bad value ({e})") from None
-  if min(cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) < 1 or cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
-    raise ConfigError(f"hf: {folder}: num_attention_heads={cfg.num_heads}, num_key_value_heads="
-                      f"{cfg.num_kv_heads}, head_dim={cfg.head_dim} cannot be mapped")
-  theta, scaling = _rope(hf, folder)
-  cfg = dataclasses.replace(cfg, rope_theta=theta, rope_scaling=tuple(sorted(scaling.items())))
-  for key, value in (("hidden_size", cfg.hidden_size), ("num_layers", cfg.num_layers),
-                     ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim),
-                     ("mlp_dim", cfg.mlp_dim), ("rope_theta", cfg.rope_theta), ("norm_eps", cfg.norm_eps),
-                     ("qkv_bias", cfg.qkv_bias), ("tie_embeddings", cfg.tie_embeddings)):
+  k, h = arch["num_kv_heads"], arch["head_dim"]
+  if min(k, h, arch["num_layers"]) < 1 or n % k or h % 2:
+    raise ConfigError(f"hf: {folder}: num_attention_heads={n}, num_key_value_heads={k}, head_dim={h} cannot be "
+                      "mapped")
+  arch["rope_theta"], scaling = _rope(hf, folder)
+  # The section is the one description of the model (ModelConfig.from_config reads it; config.json saves it).
+  for key, value in arch.items():
     model_section[key] = value
   model_section.rope_scaling = scaling or None
-  return cfg
+  return model_lib.ModelConfig.from_config(model_section, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,15 +3,14 @@
   python tools/long_context.py --length 8192                       # configs/small.py dims, auto attention
   python tools/long_context.py --length 8192 --attention xla --compile_only   # the dense path, for contrast
 
-Builds packed rows of synthetic pairs (lognormal lengths, median ~L/12 per sequence), compiles the Bradley-Terry
-train step (AdamW), and reports XLA's compiled memory analysis, the largest buffer shape in the optimised HLO
+Builds packed rows of synthetic pairs (lognormal lengths, median ~L/12 per sequence), compiles the Trainer's
+train step (state.Trainer, one device, AdamW), and reports XLA's compiled memory analysis, the largest buffer shape in the optimised HLO
 and whether any buffer has two dimensions >= L (the [rows, heads, L, L] logits of the dense path). Then runs
 --steps steps and prints the loss of each. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -19,12 +18,10 @@ import types
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from jaxreward import loss, model as model_lib, optimizer, state, synthetic
+from jaxreward import model as model_lib, sharding, state, synthetic
+from jaxreward.configuration import defaults
 
 SHAPE = re.compile(r"\b(f32|bf16|f16)\[([0-9,]+)\]")
 
@@ -65,27 +62,14 @@ def main(argv) -> None:
                               head_dim=args.hidden_size // args.num_heads, mlp_dim=args.mlp_dim,
                               tie_embeddings=True, attention=args.attention)
   batch_np, real_tokens = synthetic.packed_batch(args.length, args.rows, args.vocab_size)
-  batch = jax.tree.map(jnp.asarray, batch_np)
-  with nnx.use_eager_sharding(False):
-    graphdef, params = nnx.split(model_lib.RewardModel(cfg, nnx.Rngs(0)), nnx.Param)
-  train_cfg = dataclasses.make_dataclass("T", [])  # optimizer.make reads attributes of the config's train section
-  for key, value in dict(learning_rate=1e-3, warmup_steps=0, end_learning_rate_factor=0.1, schedule="constant",
-                         grad_clip_norm=1.0, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.01).items():
-    setattr(train_cfg, key, value)
-  tx, _ = optimizer.make(train_cfg, 100)
-
-  def sum_loss(params, batch):
-    sums = loss.batch_sums(*state.batch_rewards(nnx.merge(graphdef, params), batch), 0.0)
-    return sums["loss"] / sums["count"]
-
-  def step(params, opt_state, batch):
-    value, grads = jax.value_and_grad(sum_loss)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  opt_state = tx.init(params)
+  config = defaults()
+  config.mesh.data = 1
+  t_cfg = config.train
+  t_cfg.learning_rate, t_cfg.warmup_steps, t_cfg.schedule, t_cfg.center_rewards_coef = 1e-3, 0, "constant", 0.0
+  trainer = state.Trainer(cfg, t_cfg, sharding.make_mesh(config.mesh), sharding.rules(config.mesh), 100)
+  train_state, batch = trainer.state, batch_np.on_device(trainer.batch_sharding)
   t = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+  compiled = trainer.train_step.lower(train_state, batch).compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   (big_elems, big_shape), square = largest_buffers(compiled.as_text(), args.length)
@@ -93,7 +77,7 @@ def main(argv) -> None:
   result = {
       "device": jax.devices()[0].device_kind, "attention": args.attention, "length": args.length, "rows": args.rows,
       "pairs": int(batch_np.ends_GxBxP.shape[1]), "real_tokens": real_tokens,
-      "parameters": int(sum(x.size for x in jax.tree.leaves(params))), "compile_s": round(compile_s, 1),
+      "parameters": trainer.num_parameters(), "compile_s": round(compile_s, 1),
       "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 1), "argument_MiB": round(mem.argument_size_in_bytes / 2**20, 1),
       "dense_logits_per_layer_MiB": round(dense_logits / 2**20, 1), "largest_buffer": big_shape,
       "largest_buffer_MiB": round(big_elems * 4 / 2**20, 1), "LxL_buffers": square,
@@ -104,8 +88,9 @@ def main(argv) -> None:
     losses, times = [], []
     for _ in range(args.steps):
       t = time.perf_counter()
-      params, opt_state, value = compiled(params, opt_state, batch)
-      losses.append(float(value))
+      train_state, metrics = compiled(train_state, batch)
+      metrics = jax.device_get(metrics)
+      losses.append(float(metrics["loss"] / metrics["count"]))
       times.append(time.perf_counter() - t)
       print(f"step {len(losses)}: loss {losses[-1]:.5f} in {times[-1]:.1f} s", flush=True)
     result.update(losses=[round(x, 6) for x in losses], step_s=round(float(np.median(times)), 2))
