@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
-from jaxreward import optimizer
+from jaxreward import hosts, optimizer
 from jaxreward.configuration import ConfigError
 
 BEST_METRIC = "val_accuracy"
@@ -248,7 +248,7 @@ class Checkpointer:
     return None, target_state, None
 
   def _set_aside(self, steps) -> None:
-    if jax.process_index() == 0:
+    if hosts.is_main():
       damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
       os.makedirs(damaged, exist_ok=True)
       for step in steps:
@@ -256,7 +256,7 @@ class Checkpointer:
         while os.path.exists(target):  # The same step may be damaged again in a later attempt.
           target, n = os.path.join(damaged, f"{step}.{n}"), n + 1
         os.replace(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
+    if hosts.several():
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("checkpoint fallback")
     self.manager.reload()

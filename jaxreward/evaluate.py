@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxreward import analysis, artifacts, data, pipeline, report, score, sharding, state
+from jaxreward import analysis, artifacts, data, hosts, pipeline, report, score, sharding, state
 from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
@@ -74,10 +74,10 @@ def evaluate_file(model_path: str, data_path: str, checkpoint="best", out_dir: s
   if means is not None:
     meta["eval_step_loss"], meta["eval_step_accuracy"] = means["loss"], means["accuracy"]
   plot = os.path.join(out_dir, "reliability.png")
-  result = analysis.analyze(enc.pairs, r_Nx2, enc.lengths(), enc.margin, plot_path=plot if jax.process_index() == 0
+  result = analysis.analyze(enc.pairs, r_Nx2, enc.lengths(), enc.margin, plot_path=plot if hosts.is_main()
                             else None, title=f"{os.path.basename(os.path.normpath(model_path))} on {name}")
   result["meta"] = meta
-  if jax.process_index() == 0:
+  if hosts.is_main():
     os.makedirs(out_dir, exist_ok=True)
     report.write_json(os.path.join(out_dir, "report.json"), result)
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:

@@ -19,9 +19,12 @@ def pair_losses(r_Bx2, margin_B, center_coef: float = 0.0):
   """
   diff_B = r_Bx2[:, 0] - r_Bx2[:, 1]
   loss_B = -jax.nn.log_sigmoid(diff_B - margin_B)
-  if center_coef:
-    loss_B = loss_B + center_coef * jnp.sum(r_Bx2, axis=1) ** 2
-  return loss_B, diff_B
+  return loss_B + centering(r_Bx2, center_coef), diff_B
+
+
+def centering(r_Bx2, center_coef: float):
+  """coef·(r_chosen + r_rejected)² per pair (0 without a coefficient), added to either loss."""
+  return center_coef * jnp.sum(r_Bx2, axis=1) ** 2 if center_coef else 0.0
 
 
 def plackett_luce_losses(r_Bx2, winner_B):
@@ -50,9 +53,7 @@ def batch_sums(r_Bx2, weight_B, margin_B, center_coef: float = 0.0, winner_B=Non
   if winner_B is not None:
     # Filler pairs (weight 0) must not join a real winner's set.
     winner_B = jnp.where(weight_B > 0, winner_B, -1 - jnp.arange(winner_B.shape[0]))
-    loss_B = plackett_luce_losses(r_Bx2, winner_B)
-    if center_coef:
-      loss_B = loss_B + center_coef * jnp.sum(r_Bx2, axis=1) ** 2
+    loss_B = plackett_luce_losses(r_Bx2, winner_B) + centering(r_Bx2, center_coef)
   w_B = weight_B.astype(jnp.float32)
   correct_B = correct(diff_B)
   return {

@@ -126,6 +126,7 @@ class BucketedLayout:
     return collate(enc, indices, weight, self.buckets, self.pad_id, rows)
 
   def computed_tokens(self, enc, indices) -> int:
+    """Tokens the backbone computes for the batch, padding aside: every sequence in full."""
     return int(enc.lengths()[indices].sum())
 
   def slots(self, enc: tokenizer_lib.Encoded, indices: np.ndarray) -> int:
@@ -189,9 +190,7 @@ class PackedLayout:
   def padded_rows(self, rows: int) -> int:
     return smallest_fitting(self.row_buckets, rows)
 
-  def computed_tokens(self, enc, indices) -> int:
-    """Tokens the backbone computes for the batch, padding aside."""
-    return int(enc.lengths()[indices].sum())
+  computed_tokens = BucketedLayout.computed_tokens
 
   def slots(self, enc, indices) -> int:
     """Token slots the batch occupies once packed (its real tokens plus padding)."""
@@ -285,6 +284,7 @@ class TrainPlan:
       else:
         order = rng.permutation(len(self.enc))[:self.batches_per_epoch * self.batch_size]
       window = self.batch_size * self.sort_window
+      # Prompt groups are not length-sorted: that would scatter a prompt's pairs over a batch's groups.
       for start in range(0, 0 if self.group_by_prompt else len(order), window):
         chunk = order[start:start + window]
         order[start:start + window] = chunk[np.argsort(self.pair_lengths[chunk], kind="stable")]

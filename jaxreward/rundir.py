@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxreward import artifacts, configuration
+from jaxreward import artifacts, configuration, hosts
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -272,7 +272,7 @@ class RunDir:
     self.forced_resumes = []
     self._lock = Lock(self.workdir)
     self._created = False
-    self.is_main = jax.process_index() == 0
+    self.is_main = hosts.is_main()
 
   def __enter__(self):
     return self
@@ -294,7 +294,7 @@ class RunDir:
       except configuration.ConfigError as e:
         self.release()
         error = str(e)
-    if jax.process_count() > 1:
+    if hosts.several():
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       if multihost_utils.process_allgather(np.int32(bool(error))).any() and not error:
         error = f"{self.workdir}: refused by process 0 (its log says why)"

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import tqdm
 
-from jaxreward import checkpoint, configuration, corpus, hf, loss, memory, model as model_lib
+from jaxreward import checkpoint, configuration, corpus, hf, hosts, loss, memory, model as model_lib
 from jaxreward import pipeline, preemption, preflight, report, rundir, sharding, state as state_lib
 from jaxreward import tokenizer as tokenizer_lib, weights
 
@@ -22,7 +22,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def log(message: str) -> None:
-  if jax.process_index() == 0:
+  if hosts.is_main():
     tqdm.tqdm.write(message, file=sys.stderr)
 
 
@@ -118,7 +118,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   os.makedirs(workdir, exist_ok=True)
-  is_main, t = jax.process_index() == 0, config.train
+  is_main, t = hosts.is_main(), config.train
 
   mesh = make_mesh(config)
   rule_table = sharding.rules(config.mesh)

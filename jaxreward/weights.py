@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxreward import hosts
 from jaxreward.configuration import ConfigError
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -177,7 +178,7 @@ def write(entries: Iterable[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]
   shards = plan([(n, s, d) for n, s, d, _ in entries], max_shard_bytes)
   names = ([SINGLE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  writer = jax.process_index() == 0
+  writer = hosts.is_main()
   if writer:
     os.makedirs(out_dir, exist_ok=True)
   weight_map, total = {}, 0

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 
-import jax
 from absl import flags
 
-from jaxreward import checkpoint, commands, configuration, evaluate
+from jaxreward import checkpoint, commands, configuration, evaluate, hosts
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "a jaxreward work dir or an exported HF folder", flag_values=FLAGS)
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate.evaluate_file(FLAGS.workdir, FLAGS.data, checkpoint.parse_which(FLAGS.checkpoint), FLAGS.out)
   except configuration.ConfigError as e:
     return commands.fail(e)
-  if jax.process_index() == 0:
+  if hosts.is_main():
     print(evaluate.summary_text(result), end="")
     print(f"wrote {result['out_dir']}/report.json, summary.txt, reliability.png")
   return configuration.EXIT_OK
