@@ -112,12 +112,15 @@ def blockwise_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, bloc
     if branches_BxL is not None:
       branches_BxL = jnp.pad(branches_BxL, ((0, 0), (0, padded - l)))
   c = padded // block
-  q_BxCxQxKxGxH = q_BxLxNxH.reshape(b, c, block, kv, n // kv, h)
-  k_BxCxSxKxH = k_BxLxKxH.reshape(b, c, block, kv, h)
-  v_BxCxSxKxH = v_BxLxKxH.reshape(b, c, block, kv, h)
+  # Heads before positions, once per call: every block product below then has its batch axes (b, k) leading
+  # and contracts a trailing axis, which XLA:CPU runs without transposing operands inside the loops (that
+  # transposing took more time than the products at 64 x 256 tokens).
+  q_BxCxKxGxQxH = q_BxLxNxH.reshape(b, c, block, kv, n // kv, h).transpose(0, 1, 3, 4, 2, 5)
+  k_BxCxKxSxH = k_BxLxKxH.reshape(b, c, block, kv, h).transpose(0, 1, 3, 2, 4)
+  v_BxCxKxSxH = v_BxLxKxH.reshape(b, c, block, kv, h).transpose(0, 1, 3, 2, 4)
   br_BxCxQ = None if branches_BxL is None else branches_BxL.reshape(b, c, block)
-  out = _flash(q_BxCxQxKxGxH, k_BxCxSxKxH, v_BxCxSxKxH, segments_BxL.reshape(b, c, block), br_BxCxQ)
-  return out.reshape(b, padded, n, h)[:, :l]
+  out_BxCxKxGxQxH = _flash(q_BxCxKxGxQxH, k_BxCxKxSxH, v_BxCxKxSxH, segments_BxL.reshape(b, c, block), br_BxCxQ)
+  return out_BxCxKxGxQxH.transpose(0, 1, 4, 2, 3, 5).reshape(b, padded, n, h)[:, :l]
 
 
 def _first_visible_block(seg_BxCxQ):
@@ -141,9 +144,9 @@ def _block_visible(seg, br, i, j):
   return visible_BxQxS[:, None, None]
 
 
-def _block_logits(q_BxQxKxGxH, k_BxSxKxH, scale):
+def _block_logits(q_BxKxGxQxH, k_BxKxSxH, scale):
   """Scaled fp32 logits [B, K, G, Q, S] of a query block against a key block."""
-  return jnp.einsum("bqkgh,bskh->bkgqs", q_BxQxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+  return jnp.einsum("bkgqh,bksh->bkgqs", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32) * scale
 
 
 def _unless_hidden(br, visible, compute, skipped, operand):
@@ -156,8 +159,8 @@ def _unless_hidden(br, visible, compute, skipped, operand):
 
 
 def _forward(q, k, v, seg, br):
-  """Output [B, C, Q, K, G, H] and log-sum-exp [B, C, K, G, Q] of the online softmax."""
-  b, c, size, kv, g, h = q.shape
+  """Output [B, C, K, G, Q, H] and log-sum-exp [B, C, K, G, Q] of the online softmax."""
+  b, c, kv, g, size, h = q.shape
   scale = 1.0 / math.sqrt(h)
   first_C = _first_visible_block(seg)
 
@@ -174,7 +177,7 @@ def _forward(q, k, v, seg, br):
         m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v[:, j],
+        acc = acc * correction[..., None] + jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v[:, j],
                                                        preferred_element_type=jnp.float32)
         return m_new, total * correction + jnp.sum(p, axis=-1), acc
 
@@ -183,8 +186,7 @@ def _forward(q, k, v, seg, br):
     init = (jnp.full((b, kv, g, size), _NEG, jnp.float32), jnp.zeros((b, kv, g, size), jnp.float32),
             jnp.zeros((b, kv, g, size, h), jnp.float32))
     m, total, acc = jax.lax.fori_loop(first_C[i], i + 1, key_block, init)
-    o_BxQxKxGxH = jnp.transpose(acc / total[..., None], (0, 3, 1, 2, 4)).astype(q.dtype)
-    return out.at[:, i].set(o_BxQxKxGxH), lse.at[:, i].set(m + jnp.log(total))
+    return out.at[:, i].set((acc / total[..., None]).astype(q.dtype)), lse.at[:, i].set(m + jnp.log(total))
 
   init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, c, kv, g, size), jnp.float32))
   return jax.lax.fori_loop(0, c, query_block, init)
@@ -203,11 +205,11 @@ def _flash_fwd(q, k, v, seg, br):
 def _flash_bwd(residuals, d_out):
   """Recomputes each visited block's probabilities from the saved log-sum-exp (as FlashAttention-2 does)."""
   q, k, v, seg, br, out, lse = residuals
-  b, c, size, kv, g, h = q.shape
+  b, c, kv, g, size, h = q.shape
   scale = 1.0 / math.sqrt(h)
   first_C = _first_visible_block(seg)
   # D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term, per query and head.
-  delta_BxCxKxGxQ = jnp.einsum("bcqkgh,bcqkgh->bckgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta_BxCxKxGxQ = jnp.einsum("bckgqh,bckgqh->bckgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
   def query_block(i, carry):
     dq, dk, dv = carry
@@ -221,11 +223,11 @@ def _flash_bwd(residuals, d_out):
       def grads(j):
         s = _block_logits(q_i, k[:, j], scale)
         p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
-        dv_j = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v[:, j], preferred_element_type=jnp.float32)
+        dv_j = jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v[:, j], preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-        dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds, k[:, j], preferred_element_type=jnp.float32)
-        dk_j = jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32)
+        dq_i = jnp.einsum("bkgqs,bksh->bkgqh", ds, k[:, j], preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("bkgqs,bkgqh->bksh", ds, q_i, preferred_element_type=jnp.float32)
         return dq_i, dk_j, dv_j
 
       # Only the block-sized terms go through the branch: the whole-row dk/dv stay out of the conditional.

@@ -150,3 +150,32 @@ def test_remat_policy_names_saved_values():
   # q, k, v: B·L·(N+2K)·H; o: B·L·D.
   extra = 6 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 6 * cfg.hidden_size
   assert saved["save_matmuls"] - saved["full"] == extra
+
+
+@pytest.mark.parametrize("num_layers,scan_layers,remat", [(3, False, "none"), (3, True, "none"), (1, True, "none"),
+                                                          (2, True, "save_matmuls"), (1, False, "full")])
+def test_last_block_at_read_positions_equals_the_whole_last_block(num_layers, scan_layers, remat):
+  """`score` runs the last block's output projection, MLP and final norm only at the read positions; the
+  rewards and every gradient equal running them over all positions and reading afterwards."""
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, "num_layers": num_layers, "scan_layers": scan_layers,
+                                 "remat": remat})
+  model = build(cfg)
+
+  class Everywhere(nnx.Module):
+    """`score` as it was: the whole backbone on every position, then the reads."""
+
+    def __init__(self, model):
+      self.model = model
+
+    def score(self, tokens_GxRxL, ends_GxBxP, positions, segments):
+      g, r, l = tokens_GxRxL.shape
+      h = self.model.backbone(tokens_GxRxL.reshape(g * r, l), positions.reshape(g * r, l),
+                              segments.reshape(g * r, l)).reshape(g, r * l, -1)
+      h_GxBPxD = jnp.take_along_axis(h, ends_GxBxP.reshape(g, -1)[:, :, None], axis=1)
+      return self.model.head(h_GxBPxD.reshape(-1, h.shape[-1])).reshape(ends_GxBxP.shape)
+
+  value, grads = loss_and_grads(model)
+  value_all, grads_all = loss_and_grads(Everywhere(model))
+  np.testing.assert_allclose(value, value_all, rtol=1e-6)
+  for path, g in grads.items():
+    np.testing.assert_allclose(g, grads_all[("model",) + path], rtol=1e-5, atol=1e-6, err_msg=str(path))

@@ -31,14 +31,25 @@ from jaxreward.configuration import defaults
 def matmul_parameters(cfg: model_lib.ModelConfig) -> int:
   """Parameters that take part in a matmul per token: the blocks and the score head (the embedding is a
   gather and the LM head is never applied)."""
+  return cfg.num_layers * _block_parameters(cfg) + cfg.hidden_size
+
+
+def _block_parameters(cfg: model_lib.ModelConfig) -> int:
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  return cfg.num_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d
+  return 2 * d * n * h + 2 * d * k * h + 3 * d * f
 
 
 def model_flops(cfg: model_lib.ModelConfig, sequence_lengths) -> float:
+  """Matmul and causal-attention FLOPs of one training step (forward + backward = 3x forward) as the model
+  computes them: every block on every token, except that the last block's output projection, MLP and the
+  score head run on each sequence's read position only (model.Backbone)."""
   n = np.asarray(sequence_lengths, np.float64)
+  d, nh, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  read_only = d * nh * h + 3 * d * f  # The last block's o_proj and MLP.
+  per_token = (cfg.num_layers * _block_parameters(cfg) - read_only) * float(n.sum())
+  per_read = (read_only + d) * len(n)
   attention = 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * float(np.sum(n * (n + 1)))
-  return 6.0 * matmul_parameters(cfg) * float(n.sum()) + attention
+  return 6.0 * (per_token + per_read) + attention
 
 
 def unpacked_batch(pairs: int, length: int, vocab: int):
