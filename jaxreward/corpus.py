@@ -12,10 +12,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
-import shutil
 
-from jaxreward import configuration, data, hosts, synthetic, tfds_data, tokenizer as tokenizer_lib
+from jaxreward import configuration, data, hosts, storage, synthetic, tfds_data, tokenizer as tokenizer_lib
 
 STAGED_TOKENIZER = "tokenizer.trained"  # Host 0's BPE while the other hosts load it.
 
@@ -109,16 +107,15 @@ def trained_tokenizer(train_pairs: list[data.Pair], vocab_size: int, workdir: st
   (under a name that is not one of the run's files until it is loaded everywhere), the others load it."""
   if not hosts.several():
     return tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
-  staged = os.path.join(workdir, STAGED_TOKENIZER)
   if hosts.is_main():
     tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
-    tok.save_pretrained(staged)
+    tokenizer_lib.save(tok, workdir, STAGED_TOKENIZER)
   hosts.barrier("tokenizer trained")
   if not hosts.is_main():
-    tok = tokenizer_lib.load(staged)
+    tok = tokenizer_lib.load_saved(workdir, STAGED_TOKENIZER)
   hosts.barrier("tokenizer loaded")
   if hosts.is_main():
-    shutil.rmtree(staged)
+    storage.path(storage.join(workdir, STAGED_TOKENIZER)).rmtree()
   return tok
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxreward import storage
 from jaxreward.configuration import ConfigError
 from jaxreward.data import Pair
 
@@ -58,10 +59,18 @@ def vocab_size(tok) -> int:
   return len(tok)
 
 
-def save(tok, workdir: str) -> str:
-  path = os.path.join(workdir, "tokenizer")
-  tok.save_pretrained(path)
+def save(tok, workdir: str, name: str = "tokenizer") -> str:
+  """Saves into `<workdir>/<name>` (any epath location: written locally, then copied up)."""
+  path = storage.join(workdir, name)
+  with storage.writing_folder(path) as local:
+    tok.save_pretrained(local)
   return path
+
+
+def load_saved(workdir: str, name: str = "tokenizer") -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer `save` left in `<workdir>/<name>` (from a local copy when the work dir is remote)."""
+  with storage.local_copy(storage.join(workdir, name)) as local:
+    return load(local)
 
 
 # The plain template, for conversations when the tokenizer has no chat template (e.g. our own BPE):
