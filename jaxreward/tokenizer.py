@@ -185,9 +185,22 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
     out.pairs.append(pair)
     margins.append(pair.margin)
   out.margin = np.asarray(margins, np.float32)
-  prompts = {}
-  out.prompt_group = np.array([prompts.setdefault(p.prompt_key(), len(prompts)) for p in out.pairs], np.int64)
+  out.prompt_group = prompt_groups(out.pairs)
   return out
+
+
+def prompt_groups(pairs: list[Pair]) -> np.ndarray:
+  prompts = {}
+  return np.array([prompts.setdefault(p.prompt_key(), len(prompts)) for p in pairs], np.int64)
+
+
+def concatenate(parts: list[Encoded]) -> Encoded:
+  """One Encoded of consecutive blocks of pairs encoded apart: what encoding them together gives."""
+  pairs = [p for part in parts for p in part.pairs]
+  return Encoded(ids=[x for part in parts for x in part.ids],
+                 margin=np.asarray([p.margin for p in pairs], np.float32), pairs=pairs,
+                 truncated=sum(part.truncated for part in parts), prompt_group=prompt_groups(pairs),
+                 dropped=sum(part.dropped for part in parts))
 
 
 def sequence(body: list[int], leading: list[int], eos: int, max_length: int) -> tuple[np.ndarray, bool]:
