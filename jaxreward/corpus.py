@@ -95,6 +95,8 @@ def prepare(config, log, workdir: str | None = None) -> PreparedData:
     tok = trained_tokenizer(train_pairs, d.vocab_size, workdir)
   train = encode_across_hosts(train_pairs, tok, d, workdir, "train")
   validation = encode_across_hosts(val_pairs, tok, d, workdir, "validation")
+  if hosts.several() and hosts.is_main() and workdir is not None:
+    storage.path(storage.join(workdir, STAGED_TOKENS)).rmtree(missing_ok=True)
   if len(train) < config.train.batch_size or not len(validation):
     raise configuration.ConfigError(
         f"data: {len(train)} training / {len(validation)} validation pairs left after truncation "
@@ -124,7 +126,8 @@ def trained_tokenizer(train_pairs: list[data.Pair], vocab_size: int, workdir: st
   return tok
 
 
-def encode_across_hosts(pairs: list[data.Pair], tok, data_cfg, workdir: str | None, name: str) -> tokenizer_lib.Encoded:
+def encode_across_hosts(pairs: list[data.Pair], tok, data_cfg, workdir: str | None,
+                        name: str) -> tokenizer_lib.Encoded:
   """`tokenizer.encode(pairs)` on every host, each host tokenizing only its block of the pairs (`hosts.block`).
 
   Each host leaves its block's token ids in the work dir (STAGED_TOKENS, any storage.py location: the work dir
@@ -143,10 +146,7 @@ def encode_across_hosts(pairs: list[data.Pair], tok, data_cfg, workdir: str | No
   storage.write_atomically(files[jax.process_index()], block)
   hosts.barrier(f"{name} tokenized")
   raw = [f.read_bytes() for f in files]
-  hosts.barrier(f"{name} tokens read")
-  if hosts.is_main():
-    for f in files:
-      f.unlink(missing_ok=True)
+  hosts.barrier(f"{name} tokens read")  # Then host 0 may remove the files (prepare, once both splits are read).
   errors = [r.decode() for r in raw if not r.startswith(_NPZ)]
   if errors:
     raise configuration.ConfigError(errors[0])

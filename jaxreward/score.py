@@ -34,7 +34,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxreward import artifacts, configuration, data, hf, jsonfile, loss, model as model_lib, pipeline, sharding, storage
+from jaxreward import artifacts, configuration, data, hf, jsonfile, loss, model as model_lib, pipeline, sharding
+from jaxreward import storage
 from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 

@@ -72,7 +72,7 @@ def upload_folder(local: str, target) -> None:
       source = os.path.join(root, name)
       destination = target / os.path.relpath(source, local)
       destination.parent.mkdir(parents=True, exist_ok=True)
-      destination.write_bytes(open(source, "rb").read())
+      destination.write_bytes(epath.Path(source).read_bytes())
 
 
 def move_folder(source, target) -> None:

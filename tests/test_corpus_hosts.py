@@ -44,7 +44,7 @@ def test_two_hosts_tokenize_half_each_and_agree_with_one(tmp_path):
   assert sum(h["pairs_tokenized"] for h in hosts) == pairs
   for host in hosts:
     assert abs(host["pairs_tokenized"] - pairs / 2) <= 2
-  assert not (tmp_path / "two" / "tokens.staged").exists() or not os.listdir(tmp_path / "two" / "tokens.staged")
+  assert not (tmp_path / "two" / corpus.STAGED_TOKENS).exists()
 
 
 @pytest.mark.skipif(not os.environ.get("JAXREWARD_BENCH"), reason="a measurement: set JAXREWARD_BENCH=1")

@@ -1,8 +1,8 @@
 """Work dirs on an object store: a real `gs://` path, served offline by a local GCS emulator.
 
 epath reaches it through gcsfs, orbax's arrays through tensorstore's own GCS driver: both are pointed at the
-emulator on 127.0.0.1 (tests/gcs_emulator.py; STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL), with fixed test credentials so that
-neither looks for a metadata server. Skipped when gcsfs or gcp-storage-emulator is not installed.
+emulator on 127.0.0.1 (tests/gcs_emulator.py; STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL), with fixed test
+credentials so that neither looks for a metadata server. Skipped when gcsfs or gcp-storage-emulator is not installed.
 """
 
 import json
@@ -37,8 +37,9 @@ def gcs():
   import fsspec  # pylint: disable=g-import-not-at-top
   import gcsfs  # pylint: disable=g-import-not-at-top
   port = _free_port()
-  server = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).parent / "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port",
-                             str(port), "--default-bucket", BUCKET, "--in-memory", "-q"],
+  emulator = str(pathlib.Path(__file__).parent / "gcs_emulator.py")
+  server = subprocess.Popen([sys.executable, emulator, "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--default-bucket", BUCKET, "--in-memory", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   settings = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "FSSPEC_GCS_TOKEN": "anon",
