@@ -146,3 +146,9 @@ def test_run_on_gcs_resumes_and_serves_every_command(gcs, tiny_run, tmp_path, ca
   assert export_cmd.main([f"{workdir}/checkpoints/20", str(out)]) == 0
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
   assert "step 20 of gs://" in capsys.readouterr().out
+  remote_out = f"{gcs}/exported"  # An output folder there too: refused when not empty, replaced with --overwrite.
+  assert export_cmd.main([workdir, remote_out]) == 0
+  assert sorted(storage.listdir(remote_out)) == sorted(os.listdir(out))
+  assert export_cmd.main([workdir, remote_out]) == 2 and "not empty" in capsys.readouterr().err
+  assert export_cmd.main([workdir, f"{workdir}/inside"]) == 2
+  assert export_cmd.main([workdir, remote_out, "--overwrite"]) == 0
