@@ -14,12 +14,13 @@ constant scorer sits exactly at 50%.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
 import numpy as np
 
-from jaxreward import loss
+from jaxreward import loss, storage
 
 Z95 = 1.959963984540054  # Two-sided 95% normal quantile.
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -136,9 +137,10 @@ def plot_reliability(cal: dict, path: str, title: str = "") -> None:
   ax_n.bar([b["lo"] for b in cal["bins"]], [b["n"] for b in cal["bins"]], width=width * 0.9, align="edge")
   ax_n.set(xlabel="confidence max(σ(margin), 1 − σ(margin))", ylabel="pairs", xlim=(0.5, 1.0))
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()  # Written through storage: the path may be remote.
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
+  storage.write_atomically(path, png.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import ml_collections
 from flax import nnx
 
-from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, state
+from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, state, storage
 from jaxreward import tokenizer as tokenizer_lib
 
 
@@ -23,11 +22,10 @@ class Loaded:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
     raise configuration.ConfigError(f"{workdir}: no config.json; not a jaxreward work dir")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = json.loads(storage.read_text(path))
   config = configuration.defaults()
   for section, values in raw.items():
     for key, value in values.items():
@@ -43,7 +41,7 @@ def load(workdir: str, which: str | int = "best", mesh_cfg=None) -> Loaded:
   """The model at checkpoint `which` ('best', 'latest' or a step), on this host's devices (or `mesh_cfg`'s).
   Only the parameters are read; no optimizer state is built (but for work dirs saved before the split)."""
   config = read_config(workdir)
-  tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+  tok = tokenizer_lib.load_saved(workdir)
   model_cfg = model_lib.ModelConfig.from_config(config.model, config.model.vocab_size or tokenizer_lib.vocab_size(tok))
   mesh_cfg = mesh_cfg or sharding.host_mesh_config(config.mesh.rules)
   mesh = sharding.make_mesh(mesh_cfg)

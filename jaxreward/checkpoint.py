@@ -12,8 +12,6 @@ otherwise than the model's (one per layer vs stacked, model.scan_layers) is refu
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
 import re
 import sys
 
@@ -21,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
-from jaxreward import hosts, optimizer
+from jaxreward import hosts, optimizer, storage
 from jaxreward.configuration import ConfigError
 
 BEST_METRIC = "val_accuracy"
@@ -88,7 +86,7 @@ sys.unraisablehook = _quiet_closed_loop
 
 class Checkpointer:
   def __init__(self, workdir: str, keep_best: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = storage.join(workdir, "checkpoints")  # A URL goes to orbax as it is.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=managers.AnyPreservationPolicy([
             managers.LatestN(1),
@@ -187,7 +185,7 @@ class Checkpointer:
     """A step saved before the untied LM head was frozen holds Adam moments for it (optimizer.FROZEN) that the
     target no longer has: the items restored without them, or None if the saved optimizer differs otherwise.
     Read by a handler of its own (a partial restore), so the manager keeps saving as it did."""
-    path = pathlib.Path(self.directory) / str(step) / "optimizer"
+    path = storage.path(self.directory) / str(step) / "optimizer"
     handler = ocp.PyTreeCheckpointHandler()
     try:
       saved = jax.tree_util.tree_flatten_with_path(handler.metadata(path).tree)[0]
@@ -208,7 +206,7 @@ class Checkpointer:
     stacked and the model's are not, or the other way round."""
     item = "state" if self._single_item(step) else "params"
     try:
-      stored = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata.tree
+      stored = ocp.StandardCheckpointer().metadata(storage.path(self.directory) / str(step) / item).item_metadata.tree
     except Exception:  # pylint: disable=broad-except  (a damaged step: the restore itself reports it)
       return
     stored_stacked = _blocks_stacked(stored.get("params", {}) if item == "state" else stored)
@@ -219,7 +217,7 @@ class Checkpointer:
                         f"model {layout(wanted_stacked)}; set --config.model.scan_layers={stored_stacked} to read it")
 
   def _single_item(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), "state"))
+    return storage.isdir(storage.join(self.directory, str(step), "state"))
 
   def restore_latest(self, target_state, accept, log):
     """(step, state, data state) of the newest step that reads back and that `accept(data state)` takes.
@@ -249,13 +247,12 @@ class Checkpointer:
 
   def _set_aside(self, steps) -> None:
     if hosts.is_main():
-      damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
-      os.makedirs(damaged, exist_ok=True)
+      damaged = storage.path(self.directory).parent / DAMAGED
       for step in steps:
-        target, n = os.path.join(damaged, str(step)), 1
-        while os.path.exists(target):  # The same step may be damaged again in a later attempt.
-          target, n = os.path.join(damaged, f"{step}.{n}"), n + 1
-        os.replace(os.path.join(self.directory, str(step)), target)
+        target, n = damaged / str(step), 1
+        while target.exists():  # The same step may be damaged again in a later attempt.
+          target, n = damaged / f"{step}.{n}", n + 1
+        storage.move_folder(storage.join(self.directory, str(step)), target)
     if hosts.several():
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("checkpoint fallback")

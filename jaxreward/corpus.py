@@ -12,12 +12,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import os
-import shutil
+import io
 
-from jaxreward import configuration, data, hosts, synthetic, tfds_data, tokenizer as tokenizer_lib
+import jax
+import numpy as np
+
+from jaxreward import configuration, data, hosts, storage, synthetic, tfds_data, tokenizer as tokenizer_lib
 
 STAGED_TOKENIZER = "tokenizer.trained"  # Host 0's BPE while the other hosts load it.
+STAGED_TOKENS = "tokens.staged"  # Each host's block of token ids while the others read it.
 
 
 @dataclasses.dataclass
@@ -90,8 +93,10 @@ def prepare(config, log, workdir: str | None = None) -> PreparedData:
     tok = tokenizer_lib.load(tok_path)
   else:
     tok = trained_tokenizer(train_pairs, d.vocab_size, workdir)
-  train = tokenizer_lib.encode(train_pairs, tok, d.max_length, d.truncation)
-  validation = tokenizer_lib.encode(val_pairs, tok, d.max_length, d.truncation)
+  train = encode_across_hosts(train_pairs, tok, d, workdir, "train")
+  validation = encode_across_hosts(val_pairs, tok, d, workdir, "validation")
+  if hosts.several() and hosts.is_main() and workdir is not None:
+    storage.path(storage.join(workdir, STAGED_TOKENS)).rmtree(missing_ok=True)
   if len(train) < config.train.batch_size or not len(validation):
     raise configuration.ConfigError(
         f"data: {len(train)} training / {len(validation)} validation pairs left after truncation "
@@ -109,17 +114,65 @@ def trained_tokenizer(train_pairs: list[data.Pair], vocab_size: int, workdir: st
   (under a name that is not one of the run's files until it is loaded everywhere), the others load it."""
   if not hosts.several():
     return tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
-  staged = os.path.join(workdir, STAGED_TOKENIZER)
   if hosts.is_main():
     tok = tokenizer_lib.train_bpe(tokenizer_lib.texts_for_tokenizer(train_pairs), vocab_size)
-    tok.save_pretrained(staged)
+    tokenizer_lib.save(tok, workdir, STAGED_TOKENIZER)
   hosts.barrier("tokenizer trained")
   if not hosts.is_main():
-    tok = tokenizer_lib.load(staged)
+    tok = tokenizer_lib.load_saved(workdir, STAGED_TOKENIZER)
   hosts.barrier("tokenizer loaded")
   if hosts.is_main():
-    shutil.rmtree(staged)
+    storage.path(storage.join(workdir, STAGED_TOKENIZER)).rmtree()
   return tok
+
+
+def encode_across_hosts(pairs: list[data.Pair], tok, data_cfg, workdir: str | None,
+                        name: str) -> tokenizer_lib.Encoded:
+  """`tokenizer.encode(pairs)` on every host, each host tokenizing only its block of the pairs (`hosts.block`).
+
+  Each host leaves its block's token ids in the work dir (STAGED_TOKENS, any storage.py location: the work dir
+  of a multi-host job is shared), then, after a barrier, every host reads all blocks: the global packing plan
+  needs every pair's lengths, so all hosts end with the whole, identical Encoded. One host, or no work dir:
+  the whole list here."""
+  if not hosts.several() or workdir is None:
+    return tokenizer_lib.encode(pairs, tok, data_cfg.max_length, data_cfg.truncation)
+  start, stop = hosts.block(len(pairs))
+  files = [storage.path(storage.join(workdir, STAGED_TOKENS, f"{name}.{p}.npz")) for p in range(jax.process_count())]
+  try:
+    block = _block_bytes(tokenizer_lib.encode(pairs[start:stop], tok, data_cfg.max_length, data_cfg.truncation),
+                         pairs, start)
+  except configuration.ConfigError as e:  # A bad pair in one host's block: every host must stop, not wait.
+    block = str(e).encode()
+  storage.write_atomically(files[jax.process_index()], block)
+  hosts.barrier(f"{name} tokenized")
+  raw = [f.read_bytes() for f in files]
+  hosts.barrier(f"{name} tokens read")  # Then host 0 may remove the files (prepare, once both splits are read).
+  errors = [r.decode() for r in raw if not r.startswith(_NPZ)]
+  if errors:
+    raise configuration.ConfigError(errors[0])
+  return tokenizer_lib.concatenate([_read_block(r, pairs) for r in raw])
+
+
+_NPZ = b"PK"  # np.savez writes a zip file; an error message never starts so.
+
+
+def _block_bytes(enc: tokenizer_lib.Encoded, pairs: list[data.Pair], start: int) -> bytes:
+  index = {id(p): i for i, p in enumerate(pairs[start:], start)}
+  ids = [side for sides in enc.ids for side in sides]
+  buffer = io.BytesIO()
+  np.savez(buffer, kept=np.array([index[id(p)] for p in enc.pairs], np.int64), lengths=enc.lengths(),
+           ids=np.concatenate(ids) if ids else np.zeros(0, np.int32), counts=np.array([enc.truncated, enc.dropped]))
+  return buffer.getvalue()
+
+
+def _read_block(raw: bytes, pairs: list[data.Pair]) -> tokenizer_lib.Encoded:
+  with np.load(io.BytesIO(raw)) as f:
+    kept, lengths, ids, (truncated, dropped) = f["kept"], f["lengths"], f["ids"], f["counts"]
+  sides = np.split(ids, np.cumsum(lengths.reshape(-1))[:-1]) if len(kept) else []
+  chosen = [pairs[i] for i in kept]
+  return tokenizer_lib.Encoded(ids=[[sides[2 * k], sides[2 * k + 1]] for k in range(len(kept))],
+                               margin=np.asarray([p.margin for p in chosen], np.float32), pairs=chosen,
+                               truncated=int(truncated), dropped=int(dropped))
 
 
 def deduplicate(pairs: list[data.Pair]) -> tuple[list[data.Pair], int]:

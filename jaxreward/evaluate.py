@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxreward import analysis, artifacts, data, hosts, pipeline, report, score, sharding, state
+from jaxreward import analysis, artifacts, data, hosts, pipeline, report, score, sharding, state, storage
 from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
@@ -69,19 +69,17 @@ def evaluate_file(model_path: str, data_path: str, checkpoint="best", out_dir: s
   else:
     enc, r_Nx2, means, meta = score_workdir(model_path, checkpoint, data_path)
   name = os.path.basename(data_path).split(".")[0] or "data"
-  out_dir = out_dir or os.path.join(model_path, "eval", name)
+  out_dir = out_dir or storage.join(model_path, "eval", name)
   meta.update(data=data_path, pairs_scored=len(enc), truncated_pairs=enc.truncated, dropped_pairs=enc.dropped)
   if means is not None:
     meta["eval_step_loss"], meta["eval_step_accuracy"] = means["loss"], means["accuracy"]
-  plot = os.path.join(out_dir, "reliability.png")
+  plot = storage.join(out_dir, "reliability.png")
   result = analysis.analyze(enc.pairs, r_Nx2, enc.lengths(), enc.margin, plot_path=plot if hosts.is_main()
                             else None, title=f"{os.path.basename(os.path.normpath(model_path))} on {name}")
   result["meta"] = meta
   if hosts.is_main():
-    os.makedirs(out_dir, exist_ok=True)
-    report.write_json(os.path.join(out_dir, "report.json"), result)
-    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
-      f.write(summary_text(result))
+    report.write_json(storage.join(out_dir, "report.json"), result)
+    storage.write_atomically(storage.join(out_dir, "summary.txt"), summary_text(result))
   result["out_dir"] = out_dir
   return result
 

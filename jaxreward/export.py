@@ -20,12 +20,11 @@ from transformers (jaxreward's own encoding keeps one): the scoring contract is 
 from __future__ import annotations
 
 import json
-import os
 
 import transformers
 from tokenizers import processors
 
-from jaxreward import data, tokenizer as tokenizer_lib
+from jaxreward import data, storage, tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
 PROBE_CHAT = [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes, mostly."}]
@@ -123,22 +122,18 @@ def check(exported, trained, max_length: int) -> None:
 
 def summary(workdir: str) -> dict:
   """The run's metrics.json (best checkpoint, data counts, gate), or {}."""
-  path = os.path.join(workdir, "metrics.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = storage.join(workdir, "metrics.json")
+  return json.loads(storage.read_text(path)) if storage.isfile(path) else {}
 
 
 def eval_row(workdir: str, step: int) -> dict:
   """The evaluation row of checkpoint `step` (metrics.jsonl), else the best checkpoint's summary (metrics.json)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line) if line.strip() else {}
-        if row.get("kind") == "eval" and row.get("step") == step:
-          return row
+  path = storage.join(workdir, "metrics.jsonl")
+  if storage.isfile(path):
+    for line in storage.read_text(path).splitlines():
+      row = json.loads(line) if line.strip() else {}
+      if row.get("kind") == "eval" and row.get("step") == step:
+        return row
   return summary(workdir)
 
 

@@ -20,6 +20,12 @@ def several() -> bool:
   return jax.process_count() > 1
 
 
+def block(n: int) -> tuple[int, int]:
+  """[start, stop): this host's contiguous share of n items (the hosts' shares in order cover them all)."""
+  count, me = jax.process_count(), jax.process_index()
+  return n * me // count, n * (me + 1) // count
+
+
 def barrier(name: str) -> None:
   """Returns on every host once all hosts reached the barrier of this name."""
   if several():

@@ -6,14 +6,16 @@ validation rewards, metrics.json, learning_curves.png and the README.md model ca
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import shutil
 import sys
+import tempfile
 
 import matplotlib
 
-from jaxreward import analysis, gate, hosts
+from jaxreward import analysis, gate, hosts, storage
 from jaxreward.configuration import ConfigError
 
 matplotlib.use("Agg")
@@ -39,22 +41,26 @@ class MetricsLog:
   files in the work dir; a resumed run starts a new file, which TensorBoard merges by step). On resume, rows
   past the restored step are dropped from metrics.jsonl (they were never saved).
 
+  A remote work dir (storage.py) has no append: metrics.jsonl is rewritten whole, in one upload, on each row;
+  tensorboardX writes its event file to a local temporary folder, copied up after each row and at close.
+
   Only the enabled log (host 0's) reads and rewrites the file; with several hosts the others then receive its
   rows (a collective, so after the rewrite) instead of reading a file that host 0 may be rewriting."""
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = enabled
-    self.events = summary_writer(workdir) if enabled else None
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self.enabled, self.workdir = enabled, workdir
+    self.remote = storage.is_remote(workdir)
+    self.events_dir = (tempfile.mkdtemp(prefix="jaxreward-events-") if self.remote else workdir) if enabled else None
+    self.events = summary_writer(self.events_dir) if enabled else None
     self.rows = self._resume(resume_step) if enabled else []
     if hosts.several():
       self.rows = json.loads(hosts.from_main(json.dumps(self.rows).encode() if hosts.is_main() else None))
 
   def _resume(self, resume_step: int) -> list[dict]:
     rows = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    if storage.isfile(self.path):
+      lines = [line for line in storage.read_text(self.path).splitlines() if line.strip()]
       for n, line in enumerate(lines):
         try:
           row = json.loads(line)
@@ -64,15 +70,14 @@ class MetricsLog:
           raise ConfigError(f"{self.path}:{n + 1}: not a JSON row; move the file away to resume") from None
         if row["step"] <= resume_step:
           rows.append(row)
-    temporary = f"{self.path}.tmp"
-    with open(temporary, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(temporary, self.path)
+    storage.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
   def write(self, row: dict) -> None:
     self.rows.append(row)
-    if self.enabled:
+    if self.enabled and self.remote:
+      storage.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+    elif self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
     if self.events is not None:
@@ -81,11 +86,16 @@ class MetricsLog:
         if key not in ("kind", "step") and is_scalar(value):
           self.events.add_scalar(f"{row['kind']}/{key}", float(value), row["step"])
       self.events.flush()  # Rows come every log_every steps: a live TensorBoard sees each at once.
+      if self.remote:
+        storage.upload_folder(self.events_dir, self.workdir)
 
   def close(self) -> None:
     if self.events is not None:
       self.events.close()
       self.events = None
+      if self.remote:
+        storage.upload_folder(self.events_dir, self.workdir)
+        shutil.rmtree(self.events_dir, ignore_errors=True)
 
   def evals(self) -> list[dict]:
     return [r for r in self.rows if r["kind"] == "eval"]
@@ -108,7 +118,7 @@ def finish(workdir: str, config, history: MetricsLog, best_step: int, best_rewar
                        config.gate)
   # Error analysis of the best checkpoint on the validation split: baselines, length bias, calibration.
   validation_analysis = analysis.for_training(
-      validation, best_rewards, os.path.join(workdir, "reliability.png") if is_main else None)
+      validation, best_rewards, storage.join(workdir, "reliability.png") if is_main else None)
   warning = analysis.length_warning(validation_analysis)
   if warning:
     verdict["warnings"] = [warning]
@@ -121,10 +131,10 @@ def finish(workdir: str, config, history: MetricsLog, best_step: int, best_rewar
   }
   gate_text = gate.render(verdict)
   if is_main:
-    write_json(os.path.join(workdir, "metrics.json"), summary)
-    plot_curves(history.rows, os.path.join(workdir, "learning_curves.png"))
-    with open(os.path.join(workdir, "README.md"), "w") as f:
-      f.write(model_card(summary, config, gate_text, analysis_markdown(validation_analysis)))
+    write_json(storage.join(workdir, "metrics.json"), summary)
+    plot_curves(history.rows, storage.join(workdir, "learning_curves.png"))
+    storage.write_atomically(storage.join(workdir, "README.md"),
+                             model_card(summary, config, gate_text, analysis_markdown(validation_analysis)))
     print(gate_text, flush=True)
   return summary
 
@@ -146,14 +156,14 @@ def plot_curves(rows: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
+  storage.write_atomically(path, png.getvalue())
 
 
 def write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+  storage.write_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(summary: dict, config, gate_text: str, analysis_markdown: str = "") -> str:

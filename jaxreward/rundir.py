@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxreward import artifacts, configuration, hosts
+from jaxreward import artifacts, configuration, hosts, storage
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -137,7 +137,7 @@ def differences(old: dict, new: dict) -> list[tuple[str, str, bool]]:
 
 def _legacy_identity(workdir: str) -> dict | None:
   """The settings part of a work dir made before run.json existed, from its config.json."""
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
+  if not storage.isfile(storage.join(workdir, "config.json")):
     return None
   try:
     old = identity_settings_only(artifacts.read_config(workdir))
@@ -184,24 +184,38 @@ def _alive(holder: dict) -> bool:
 
 
 class Lock:
-  """`run.lock`, created atomically (a complete file is hard-linked into place) and removed on release."""
+  """`run.lock`, created atomically (a complete file is hard-linked into place) and removed on release.
+
+  An object store (a remote work dir) has no link or exclusive create through epath: there the lock is a
+  check-then-write (absent -> written -> read back as ours), which catches a run that is already going but not
+  two started within the same moment; `acquire` says so in a warning."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = storage.join(workdir, LOCK_FILE)
+    self.remote = storage.is_remote(workdir)
     self.held = False
 
   def _read(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(storage.read_text(self.path))
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
       return {}
 
+  def _in_use(self, holder: dict) -> configuration.ConfigError:
+    here = holder.get("host") == socket.gethostname()
+    return configuration.ConfigError(
+        f"{os.path.dirname(self.path)} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+        f"started {holder.get('started')}); wait for it to end or use another --workdir"
+        f"{'' if here else f' (if it is dead, delete {self.path})'}")
+
   def acquire(self, log) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),
           "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    if self.remote:
+      self._acquire_remote(me, log)
+      return
     temporary = f"{self.path}.{os.getpid()}.tmp"
     with open(temporary, "w") as f:
       json.dump(me, f)
@@ -217,10 +231,7 @@ class Lock:
         if holder is None:
           continue
         if holder and _alive(holder):
-          raise configuration.ConfigError(
-              f"{os.path.dirname(self.path)} is in use by another run (pid {holder.get('pid')} on "
-              f"{holder.get('host')}, started {holder.get('started')}); wait for it to end or use another "
-              f"--workdir{'' if holder.get('host') == socket.gethostname() else f' (if it is dead, delete {self.path})'}")
+          raise self._in_use(holder)
         stale = f"{self.path}.stale.{os.getpid()}"
         try:
           os.rename(self.path, stale)
@@ -233,9 +244,23 @@ class Lock:
     finally:
       os.remove(temporary)
 
+  def _acquire_remote(self, me: dict, log) -> None:
+    holder = self._read()
+    if holder and _alive(holder):
+      raise self._in_use(holder)
+    if holder is not None:
+      log(f"warning: {self.path}: took over the lock of pid {holder.get('pid')} on {holder.get('host')}, "
+          "which is no longer running")
+    storage.write_atomically(self.path, json.dumps(me))
+    if (self._read() or {}).get("pid") != me["pid"]:
+      raise self._in_use(self._read() or {})
+    self.held = True
+    log(f"warning: {self.path}: a remote work dir has no atomic create; the lock stops a run while another holds "
+        "it, not two started at the same moment")
+
   def release(self) -> None:
     if self.held and (self._read() or {}).get("pid") == os.getpid():
-      os.remove(self.path)
+      storage.path(self.path).unlink(missing_ok=True)
     self.held = False
 
 
@@ -245,12 +270,16 @@ class Lock:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+  return any(name.isdigit() for name in storage.listdir(storage.join(workdir, "checkpoints")))
 
 
 def _usable_folder(workdir: str) -> bool:
-  """Checks the path is (or can become) a writable folder; True when this call created it."""
+  """Checks the path is (or can become) a writable folder; True when this call created it. A remote folder
+  (an object store's prefix) exists once a file is in it: nothing to create or check before the lock's write."""
+  if storage.is_remote(workdir):
+    if storage.isfile(workdir):
+      raise configuration.ConfigError(f"--workdir {workdir} is a file; expected a folder")
+    return False
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise configuration.ConfigError(f"--workdir {workdir} is a file; expected a folder")
   created = not os.path.exists(workdir)
@@ -267,7 +296,7 @@ class RunDir:
   """The checked, locked work dir of this run; `record()` writes run.json once the run's checks pass."""
 
   def __init__(self, workdir: str, log):
-    self.workdir, self.log = os.path.abspath(workdir), log
+    self.workdir, self.log = os.fspath(storage.path(workdir)), log
     self.identity = None
     self.forced_resumes = []
     self._lock = Lock(self.workdir)
@@ -304,19 +333,18 @@ class RunDir:
 
   def _check(self, config) -> None:
     self.identity = identity(config)
-    path = os.path.join(self.workdir, IDENTITY_FILE)
+    path = storage.join(self.workdir, IDENTITY_FILE)
     recorded = None
-    if os.path.isfile(path):
+    if storage.isfile(path):
       try:
-        with open(path) as f:
-          recorded = json.load(f)
+        recorded = json.loads(storage.read_text(path))
         old = recorded["identity"]
         self.forced_resumes = list(recorded.get("forced_resumes", []))
       except (OSError, ValueError, KeyError, TypeError) as e:
         raise configuration.ConfigError(f"{path}: unreadable ({e}); use a new --workdir") from None
     else:
       old = _legacy_identity(self.workdir)
-      ours = sorted(set(os.listdir(self.workdir)) & set(_WRITTEN))
+      ours = sorted(set(storage.listdir(self.workdir)) & set(_WRITTEN))
       if old is None and ours:
         raise configuration.ConfigError(f"--workdir {self.workdir} holds {', '.join(ours)} but no {IDENTITY_FILE} "
                                         "or config.json of a jaxreward run; the run would overwrite them: use a new "
@@ -339,7 +367,7 @@ class RunDir:
       raise configuration.ConfigError(f"{self.workdir} holds another run: {listed}; use a new --workdir, or "
                                       "--config.train.resume=force to continue its checkpoints anyway (the "
                                       "differences go into the model card)")
-    step = max(int(n) for n in os.listdir(os.path.join(self.workdir, "checkpoints")) if n.isdigit())
+    step = max(int(n) for n in storage.listdir(storage.join(self.workdir, "checkpoints")) if n.isdigit())
     self.forced_resumes.append({"step": step, "differences": [f"{key} {change}" for key, change, _ in diffs],
                                 "at": datetime.datetime.now().isoformat(timespec="seconds")})
     self.log(f"warning: resuming {self.workdir} by force despite: {listed} (recorded in {IDENTITY_FILE} and "
@@ -349,22 +377,15 @@ class RunDir:
     """Writes run.json (process 0): from here on the work dir belongs to this run."""
     if not self.is_main:
       return
-    write_atomically(os.path.join(self.workdir, IDENTITY_FILE),
+    storage.write_atomically(storage.join(self.workdir, IDENTITY_FILE),
                      json.dumps({"identity": self.identity, "forced_resumes": self.forced_resumes}, indent=2))
 
   def release(self) -> None:
     self._lock.release()
-    if self._created and os.path.isdir(self.workdir) and not os.listdir(self.workdir):
+    if self._created and os.path.isdir(self.workdir) and not os.listdir(self.workdir):  # Local only (_created).
       os.rmdir(self.workdir)  # A refused run leaves no empty folder behind.
     self._created = False
 
 
 def open_run(workdir: str, config, log) -> RunDir:
   return RunDir(workdir, log).open(config)
-
-
-def write_atomically(path: str, text: str) -> None:
-  temporary = f"{path}.tmp"
-  with open(temporary, "w") as f:
-    f.write(text)
-  os.replace(temporary, path)

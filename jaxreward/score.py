@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxreward import artifacts, configuration, data, hf, jsonfile, loss, model as model_lib, pipeline, sharding
+from jaxreward import storage
 from jaxreward import tokenizer as tokenizer_lib
 from jaxreward.configuration import ConfigError
 
@@ -177,26 +178,28 @@ def _as_sides(prompt, response):
 
 def is_hf_folder(path: str) -> bool:
   """An exported transformers folder: config.json naming a *ForSequenceClassification architecture."""
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
+  cfg_path = storage.join(path, "config.json")
+  if not storage.isfile(cfg_path):
     return False
   try:
-    with open(cfg_path) as f:
-      cfg = json.load(f)
+    cfg = json.loads(storage.read_text(cfg_path))
   except (OSError, json.JSONDecodeError):
     return False
   return any(str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
 
 
 def check_model_path(path: str) -> str:
-  """'workdir' or 'hf', or a one-line ConfigError saying what the path is not."""
-  if not os.path.exists(path):
+  """'workdir' or 'hf', or a one-line ConfigError saying what the path is not. A work dir may be remote (any
+  etils.epath URL, storage.py); an HF folder must be local (transformers reads it)."""
+  if not storage.path(path).exists():
     raise ConfigError(f"{path}: no such file or directory")
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise ConfigError(f"{path}: expected a jaxreward work dir or an HF folder, got a file")
   if is_hf_folder(path):
+    if storage.is_remote(path):
+      raise ConfigError(f"{path}: an exported HF folder is read from a local folder; copy it here first")
     return "hf"
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+  if storage.isfile(storage.join(path, "config.json")) and storage.isdir(storage.join(path, "checkpoints")):
     return "workdir"
   raise ConfigError(f"{path}: neither a jaxreward work dir (config.json + checkpoints/) nor an HF folder "
                     "(config.json with a *ForSequenceClassification architecture)")
@@ -204,18 +207,16 @@ def check_model_path(path: str) -> str:
 
 def workdir_reward_stats(workdir: str, step: int) -> tuple[float | None, float | None]:
   """Validation reward mean/std of checkpoint `step`: its eval row in metrics.jsonl, else metrics.json."""
-  rows_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(rows_path):
-    with open(rows_path) as f:
-      for line in f:
-        if line.strip():
-          row = json.loads(line)
-          if row.get("kind") == "eval" and row.get("step") == step and "val_reward_std" in row:
-            return float(row["val_reward_mean"]), float(row["val_reward_std"])
-  summary_path = os.path.join(workdir, "metrics.json")
-  if os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  rows_path = storage.join(workdir, "metrics.jsonl")
+  if storage.isfile(rows_path):
+    for line in storage.read_text(rows_path).splitlines():
+      if line.strip():
+        row = json.loads(line)
+        if row.get("kind") == "eval" and row.get("step") == step and "val_reward_std" in row:
+          return float(row["val_reward_mean"]), float(row["val_reward_std"])
+  summary_path = storage.join(workdir, "metrics.json")
+  if storage.isfile(summary_path):
+    summary = json.loads(storage.read_text(summary_path))
     if "val_reward_mean" in summary:
       return float(summary["val_reward_mean"]), float(summary["val_reward_std"])
   return None, None

@@ -17,6 +17,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxreward import storage
 from jaxreward.configuration import ConfigError
 from jaxreward.data import Pair
 
@@ -58,10 +59,18 @@ def vocab_size(tok) -> int:
   return len(tok)
 
 
-def save(tok, workdir: str) -> str:
-  path = os.path.join(workdir, "tokenizer")
-  tok.save_pretrained(path)
+def save(tok, workdir: str, name: str = "tokenizer") -> str:
+  """Saves into `<workdir>/<name>` (any epath location: written locally, then copied up)."""
+  path = storage.join(workdir, name)
+  with storage.writing_folder(path) as local:
+    tok.save_pretrained(local)
   return path
+
+
+def load_saved(workdir: str, name: str = "tokenizer") -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer `save` left in `<workdir>/<name>` (from a local copy when the work dir is remote)."""
+  with storage.local_copy(storage.join(workdir, name)) as local:
+    return load(local)
 
 
 # The plain template, for conversations when the tokenizer has no chat template (e.g. our own BPE):
@@ -176,9 +185,22 @@ def encode(pairs: list[Pair], tok, max_length: int, truncation: str) -> Encoded:
     out.pairs.append(pair)
     margins.append(pair.margin)
   out.margin = np.asarray(margins, np.float32)
-  prompts = {}
-  out.prompt_group = np.array([prompts.setdefault(p.prompt_key(), len(prompts)) for p in out.pairs], np.int64)
+  out.prompt_group = prompt_groups(out.pairs)
   return out
+
+
+def prompt_groups(pairs: list[Pair]) -> np.ndarray:
+  prompts = {}
+  return np.array([prompts.setdefault(p.prompt_key(), len(prompts)) for p in pairs], np.int64)
+
+
+def concatenate(parts: list[Encoded]) -> Encoded:
+  """One Encoded of consecutive blocks of pairs encoded apart: what encoding them together gives."""
+  pairs = [p for part in parts for p in part.pairs]
+  return Encoded(ids=[x for part in parts for x in part.ids],
+                 margin=np.asarray([p.margin for p in pairs], np.float32), pairs=pairs,
+                 truncated=sum(part.truncated for part in parts), prompt_group=prompt_groups(pairs),
+                 dropped=sum(part.dropped for part in parts))
 
 
 def sequence(body: list[int], leading: list[int], eos: int, max_length: int) -> tuple[np.ndarray, bool]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 
@@ -13,7 +12,7 @@ import numpy as np
 import tqdm
 
 from jaxreward import checkpoint, configuration, corpus, hf, hosts, loss, memory, model as model_lib
-from jaxreward import pipeline, preemption, preflight, report, rundir, sharding, state as state_lib
+from jaxreward import pipeline, preemption, preflight, report, rundir, sharding, state as state_lib, storage
 from jaxreward import tokenizer as tokenizer_lib, weights
 
 
@@ -117,7 +116,6 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  os.makedirs(workdir, exist_ok=True)
   is_main, t = hosts.is_main(), config.train
 
   mesh = make_mesh(config)
@@ -134,8 +132,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
   run_dir.record()
   if is_main:
     tokenizer_lib.save(tok, workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_atomically(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)

@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from jaxreward import artifacts, checkpoint, commands, configuration, hf, outputs
+from jaxreward import artifacts, checkpoint, commands, configuration, hf, outputs, storage
 from jaxreward.configuration import ConfigError
 
 FLAGS = flags.FlagValues()
@@ -30,14 +30,14 @@ flags.DEFINE_enum("model_type", None, ["llama", "qwen2", "mistral"],
 
 def resolve(path: str, which: str | int) -> tuple[str, str | int]:
   """(work dir, checkpoint) from a work dir or a `<workdir>/<checkpoints dir>/<step>` folder."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = os.fspath(storage.path(path))
+  if not storage.isdir(path):
     raise ConfigError(f"{path}: no such folder")
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "tokenizer")):
+  if storage.isfile(storage.join(path, "config.json")) and storage.isdir(storage.join(path, "tokenizer")):
     return path, which
-  step = os.path.basename(path)
-  workdir = os.path.dirname(os.path.dirname(path))
-  if step.isdigit() and os.path.isfile(os.path.join(workdir, "config.json")):
+  step = storage.path(path).name
+  workdir = os.fspath(storage.path(path).parent.parent)
+  if step.isdigit() and storage.isfile(storage.join(workdir, "config.json")):
     return workdir, int(step)
   raise ConfigError(f"{path}: not a jaxreward work dir (no config.json + tokenizer/) or one of its checkpoints")
 

@@ -13,7 +13,7 @@ import sys
 
 from absl import flags
 
-from jaxreward import checkpoint, commands, configuration, outputs, score
+from jaxreward import checkpoint, commands, configuration, outputs, score, storage
 from jaxreward.configuration import ConfigError
 
 FLAGS = flags.FlagValues()
@@ -33,14 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     which = checkpoint.parse_which(FLAGS.checkpoint)
     score.check_model_path(FLAGS.model)
     outputs.check_file(FLAGS.out)
-    if os.path.exists(FLAGS.out) and os.path.samefile(FLAGS.out, FLAGS.data):
+    if not storage.is_remote(FLAGS.out) and os.path.exists(FLAGS.out) and os.path.samefile(FLAGS.out, FLAGS.data):
       raise ConfigError(f"--out {FLAGS.out} is the --data file; write the scores elsewhere")
     score.read_rows(FLAGS.data)  # Fail on a bad file before spending time loading the model.
     scorer = score.load_scorer(FLAGS.model, which, FLAGS.max_length)
     out, summary = score.score_file(scorer, FLAGS.data)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in out)
+    storage.write_atomically(FLAGS.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out))
   except ConfigError as e:
     return commands.fail(e)
   except OSError as e:
