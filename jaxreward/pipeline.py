@@ -127,7 +127,8 @@ class BucketedLayout:
 
   def computed_tokens(self, enc, indices) -> int:
     """Tokens the backbone computes for the batch, padding aside: every sequence in full."""
-    return int(enc.lengths()[indices].sum())
+    # The batch's own lengths: enc.lengths() would measure every pair of the corpus once per batch.
+    return sum(len(enc.ids[i][0]) + len(enc.ids[i][1]) for i in indices)
 
   def slots(self, enc: tokenizer_lib.Encoded, indices: np.ndarray) -> int:
     longest = max(max(len(enc.ids[i][0]), len(enc.ids[i][1])) for i in indices)

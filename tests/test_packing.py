@@ -77,10 +77,11 @@ def test_packed_rewards_equal_one_sequence_per_row(enc):
   packed = layout.collate(enc, indices, np.ones(24))
   assert packed.tokens_GxRxL.shape[1] < 16, "several sequences share each row"
   assert packed.segments_GxRxL is not None
-  r_GxBxP = model.score(packed.tokens_GxRxL, packed.ends_GxBxP, packed.positions_GxRxL, packed.segments_GxRxL)
+  score = nnx.jit(lambda m, *a: m.score(*a))  # Compiled: op by op, the blockwise attention's loops take a minute.
+  r_GxBxP = score(model, packed.tokens_GxRxL, packed.ends_GxBxP, packed.positions_GxRxL, packed.segments_GxRxL)
   plain = pipeline.collate(enc, indices, np.ones(24), [64], 0)
   assert plain.segments_GxRxL is None and plain.tokens_GxRxL.shape[1] == 2, "one sequence per row"
-  r_Bx1x2 = model.score(plain.tokens_GxRxL, plain.ends_GxBxP)
+  r_Bx1x2 = score(model, plain.tokens_GxRxL, plain.ends_GxBxP)
   np.testing.assert_allclose(np.asarray(r_GxBxP).reshape(-1, 2), np.asarray(r_Bx1x2).reshape(-1, 2), atol=1e-5)
 
 

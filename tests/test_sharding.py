@@ -1,5 +1,7 @@
 """Mesh resolution, annotation checks, and sharded training equal to single-device training."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -35,7 +37,11 @@ def test_unannotated_large_parameter_is_an_error():
     sharding.check_annotated(nnx.state(Bad(), nnx.Param))
 
 
-def _run_steps(mesh_config, num_steps=5, packed=False, scan_layers=False):
+@functools.cache  # The single-device runs serve both the sharded and the packed-vs-bucketed comparisons.
+def _run_steps(mesh_shape, packed, scan_layers, num_steps=5):
+  """`num_steps` of tiny on a (data, fsdp, tensor) mesh: (losses, params, state). Called with positional
+  arguments only, so that equal runs hit the cache."""
+  mesh_config = mesh_cfg(*mesh_shape)
   config = load_config("tiny")
   config.model.scan_layers = scan_layers
   tok = tokenizer.train_bpe(tokenizer.texts_for_tokenizer(synthetic.generate(200, 0)), 300)
@@ -62,8 +68,8 @@ def _run_steps(mesh_config, num_steps=5, packed=False, scan_layers=False):
 @pytest.mark.parametrize("packed,scan_layers", [(False, False), (True, False), (True, True)])
 def test_sharded_training_equals_single_device(packed, scan_layers):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-  single, params_1, _ = _run_steps(mesh_cfg(1, 1, 1), packed=packed, scan_layers=scan_layers)
-  sharded, params_8, state_8 = _run_steps(mesh_cfg(2, 2, 2), packed=packed, scan_layers=scan_layers)
+  single, params_1, _ = _run_steps((1, 1, 1), packed, scan_layers)
+  sharded, params_8, state_8 = _run_steps((2, 2, 2), packed, scan_layers)
   np.testing.assert_allclose(sharded, single, atol=1e-4)
   for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -77,8 +83,8 @@ def test_sharded_training_equals_single_device(packed, scan_layers):
 
 def test_packed_training_equals_bucketed_training():
   """Same pairs per step, packed into rows or padded per sequence: the same losses and parameters."""
-  bucketed, params_b, _ = _run_steps(mesh_cfg(1, 1, 1))
-  packed, params_p, _ = _run_steps(mesh_cfg(1, 1, 1), packed=True)
+  bucketed, params_b, _ = _run_steps((1, 1, 1), False, False)
+  packed, params_p, _ = _run_steps((1, 1, 1), True, False)
   np.testing.assert_allclose(packed, bucketed, atol=1e-5)
   for a, b in zip(jax.tree.leaves(params_b), jax.tree.leaves(params_p)):
     np.testing.assert_allclose(a, b, atol=1e-5)

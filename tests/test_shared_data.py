@@ -7,6 +7,7 @@ the training runs only, the first TRAIN_LINES lines of the larger files: evaluat
 pairs would cost more than the steps (the whole files are loaded and prepared by the tests above).
 """
 
+import functools
 import json
 
 import numpy as np
@@ -36,12 +37,19 @@ def test_file_loads_every_line(name):
   assert report.skipped == 0 and len(report.formats) == 1
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_small_config_accepts_file_by_changing_only_the_path(name):
+@functools.cache
+def prepared_with_small_config(name):
+  """configs/small.py on a whole file, prepared once: tokenizing ETHICS's 13,738 pairs (and training a BPE on
+  them) is most of these tests' time, and the packing test below reads the same corpus."""
   config = load_config("small")
   config.data.train_path = str(require_shared_data() / name)
   configuration.validate(config)
-  prepared = corpus.prepare(config, lambda message: None)
+  return config, corpus.prepare(config, lambda message: None)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_small_config_accepts_file_by_changing_only_the_path(name):
+  config, prepared = prepared_with_small_config(name)
   s = prepared.stats
   assert len(prepared.train) >= config.train.batch_size and len(prepared.validation) > 0
   assert s["dropped_pairs"] == 0  # keep_end keeps every pair; truncation only shortens prompts first.
@@ -74,9 +82,8 @@ def test_tiny_trains_a_few_steps(name, tmp_path, tmp_path_factory):
 
 def test_packing_keeps_padding_under_15_percent_on_ethics():
   from jaxreward import pipeline  # pylint: disable=g-import-not-at-top
-  config = load_config("small")
-  config.data.train_path = str(require_shared_data() / "ethics_util_train.jsonl")
-  prepared = corpus.prepare(config, lambda message: None)
+  config, prepared = prepared_with_small_config("ethics_util_train.jsonl")
+  config = config.copy_and_resolve_references()  # The cached config stays as prepared.
   plan = pipeline.make_plan(config, prepared.train)
   layout, _ = pipeline.make_layout(config, plan, 1, prepared.tokenizer.pad_token_id)
   packed = [plan.padding_fraction(epoch, layout) for epoch in range(3)]
