@@ -8,9 +8,10 @@ Start from an SFT model: `model.init_from` (an HF folder with config.json + safe
 the architecture (it replaces the dimensions below) and the weights. Without it the model is built from
 scratch with these dimensions and needs `data.tokenizer` (an HF tokenizer folder); only with neither does the
 run train its own BPE of `data.vocab_size` tokens on the training texts, which suits no model of this size.
-Expected (not measured in this project, which has no GPU; typical of 1B reward models): on HH-RLHF helpful
-(~43k pairs, 1 epoch, ~1,350 steps of 32 pairs) a 1B SFT start reaches validation accuracy ~0.65-0.70, in
-1-2 hours on one H100 (bf16, cudnn attention, remat).
+Expected (typical of 1B reward models; this config has not been run end to end): on HH-RLHF helpful (~43k
+pairs, 1 epoch, ~1,350 steps of 32 pairs) a 1B SFT start reaches validation accuracy ~0.65-0.70. Time, scaled
+from the H100 benchmark of these widths (tools/gpu_check.sh, README "Performance": 4 layers, packed, remat full,
+57 ms per 16k tokens): ~0.23 s per 16k tokens for 16 layers, so roughly 10-20 minutes per epoch on one H100.
 
 Memory per device (tools/memory.py; 1.24B parameters, fp32 parameters and Adam state, bf16 compute, remat on,
 batch 32 pairs = 64 sequences x 1,024 tokens, cudnn flash attention):
@@ -44,10 +45,9 @@ def get_config():
   config.model.param_dtype = "float32"
   config.model.remat = "full"  # Recompute each block in the backward pass: ~16x fewer saved activations.
   config.model.scan_layers = True  # 16 blocks compiled once.
-  config.model.attention = "cudnn"  # Flash attention on NVIDIA GPUs; set "xla" on TPU or CPU.
-  # cuDNN's kernel takes no segment mask here, so batches are length-bucketed; with attention=xla (TPU) set
-  # data.packing=True for less padding.
-  config.data.packing = False
+  # cuDNN flash attention on NVIDIA GPUs (bf16), packed rows included; splash on TPU; blockwise on CPU.
+  config.model.attention = "auto"
+  config.data.packing = True  # Rows packed with several pairs: little padding (cuDNN takes the segment mask).
   config.train.batch_size = 32
   config.train.num_epochs = 1.0  # Reward models overfit after one epoch (InstructGPT, TRL defaults).
   config.train.learning_rate = 1e-5

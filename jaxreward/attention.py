@@ -10,7 +10,9 @@ Segment ids and branches are integers in [0, L]. Implementations:
 
   xla        jax.nn.dot_product_attention with a dense [B, 1, L, L] mask: the reference. Its fp32 logits are
              [B, N, L, L], which is what runs out of memory at long rows.
-  cudnn      the same public call with implementation="cudnn" (NVIDIA, bf16); segments go in as the dense mask.
+  cudnn      the same public call with implementation="cudnn" (NVIDIA, bf16); segments and branches go in as the
+             dense mask, which cuDNN reads as a [B, 1, L, L] bf16 bias (2 bytes per pair of positions, shared
+             by the heads and the layers, instead of the reference's fp32 logits per head).
   splash     Pallas TPU splash attention (SegmentIds + a causal mask) in a shard_map over the batch and head
              axes; on any other backend it runs in Pallas interpret mode (slow: for tests only). Its masks are
              equality of ids, which cannot say "the prompt is seen by every branch": shared-prompt rows take two
@@ -20,8 +22,8 @@ Segment ids and branches are integers in [0, L]. Implementations:
              keeps only [B, N, block, block] logits at a time and never visits a key block that no query of
              the query block can see (later blocks by the causal rule, earlier segments by the segment rule,
              with branches also blocks that hold only siblings' tokens).
-  auto       cudnn on NVIDIA GPUs (bf16, unpacked rows without branches; xla otherwise), splash on TPU,
-             blockwise elsewhere.
+  auto       cudnn on NVIDIA GPUs (bf16 rows, packed or not; xla for fp32 and for shared-prompt rows, whose
+             cuDNN run is not yet checked on a GPU), splash on TPU, blockwise elsewhere.
 
 Letters: B batch rows, L length, N query heads, K key/value heads, G = N / K query heads per key/value head,
 H head width, Q/S query/key positions within a block, C number of blocks.
@@ -51,16 +53,18 @@ BLOCK, LONG_UNPACKED_BLOCK, LONG_UNPACKED = 64, 128, 1024
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 
 
-def resolve(implementation: str, dtype, packed: bool, platform: str | None = None) -> str:
-  """The concrete kernel that `implementation` means on `platform` (default: JAX's default backend)."""
+def resolve(implementation: str, dtype, platform: str | None = None, branches: bool = False) -> str:
+  """The concrete kernel that `implementation` means on `platform` (default: JAX's default backend) for rows
+  with or without shared-prompt `branches`."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
   if implementation != "auto":
     return implementation
   platform = platform or jax.default_backend()
   if platform in ("gpu", "cuda"):
-    # cuDNN needs bf16, and its masked path (packed or shared-prompt rows) has not been checked on a GPU yet.
-    return "cudnn" if jnp.dtype(dtype) == jnp.bfloat16 and not packed else "xla"
+    # cuDNN's fused kernel is bf16/fp16 only. On an H100 it equals the reference on unpacked and packed rows
+    # (tools/gpu_check.sh; README "Performance"); shared-prompt rows have not been through that check yet.
+    return "cudnn" if jnp.dtype(dtype) == jnp.bfloat16 and not branches else "xla"
   if platform == "tpu":
     return "splash"
   return "blockwise"
@@ -69,8 +73,7 @@ def resolve(implementation: str, dtype, packed: bool, platform: str | None = Non
 def attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, implementation: str = "auto", branches_BxL=None):
   """Causal attention, scaled by 1/sqrt(H); k/v heads are shared by N/K consecutive query heads (as HF's
   repeat_kv). Returns [B, L, N, H] in q's dtype."""
-  # Branches need a mask beyond causality, as segments do: auto treats them as packed rows.
-  kind = resolve(implementation, q_BxLxNxH.dtype, segments_BxL is not None or branches_BxL is not None)
+  kind = resolve(implementation, q_BxLxNxH.dtype, branches=branches_BxL is not None)
   if kind in ("xla", "cudnn"):
     mask_Bx1xLxL = None
     if segments_BxL is not None:

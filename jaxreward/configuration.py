@@ -86,7 +86,7 @@ def defaults() -> ml_collections.ConfigDict:
   # Stack the blocks' parameters on a leading "layers" axis and run them in one scan: compile time stops growing
   # with depth (worth it from ~8 layers). Work dirs keep the layout they were trained with.
   m.scan_layers = False
-  # auto: cudnn on NVIDIA GPUs (bf16, unpacked rows; else xla), splash on TPU, blockwise on CPU. xla: the dense
+  # auto: cudnn on NVIDIA GPUs (bf16; xla for fp32 or group_by_prompt), splash on TPU, blockwise on CPU. xla: the dense
   # reference (fp32 [rows, heads, L, L] logits); cudnn: fused, NVIDIA, bf16; splash: Pallas TPU kernel;
   # blockwise: flash attention in plain JAX (any backend; the CPU choice). See jaxreward/attention.py.
   m.attention = "auto"
@@ -286,10 +286,10 @@ def validate(config) -> None:
                         "head_dim (or set model.head_dim)")
   if m.attention == "cudnn" and m.dtype != "bfloat16":
     raise ConfigError("config: model.attention='cudnn' needs model.dtype='bfloat16'")
-  if m.attention == "cudnn" and (d.packing or d.group_by_prompt):
-    # cuDNN's fused kernel takes the segment mask only as a dense bias; not verified on a GPU yet.
-    raise ConfigError("config: data.packing needs model.attention='xla' (cudnn is not supported with packed rows); "
-                      "set data.packing=False or model.attention='xla'")
+  if m.attention == "cudnn" and d.group_by_prompt:
+    # Packed rows are checked against the reference on an H100; shared-prompt masks are not yet.
+    raise ConfigError("config: data.group_by_prompt needs model.attention='auto' or 'xla' (cudnn with "
+                      "shared-prompt rows is not yet checked on a GPU)")
   for key in ("min_train_accuracy", "min_val_accuracy", "max_gap"):
     if not 0.0 <= config.gate[key] <= 1.0:
       raise ConfigError(f"config: gate.{key}={config.gate[key]}; expected a fraction in [0, 1]")

@@ -81,7 +81,7 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length:
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   nh, kh, ft, nt = n * h / tensor, k * h / tensor, f / tensor, n / tensor
   saved = b * (2 * d + (nh + 2 * kh) + nh + d + 3 * ft + d) + 4 * (2 * d + (nh + kh))
-  if attention.resolve(cfg.attention, cfg.dtype, packed=False) == "xla":
+  if attention.resolve(cfg.attention, cfg.dtype) == "xla":
     saved += nt * length * (4 + b)
   named = b * (nh + 2 * kh + d)  # model.SAVED_MATMULS: q, k, v and o projection outputs.
   return int(saved), int(b * d), int(named)
@@ -144,7 +144,8 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
       "mesh": mesh_shape, "devices": math.prod(mesh_shape.values()),
       "batch_size": batch_size, "grad_accum_steps": grad_accum_steps, "local_sequences": local_sequences,
       "max_length": max_length, "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-      "attention": cfg.attention,
+      # The kernel that runs on this backend (auto's pick shown beside it).
+      "attention": cfg.attention if cfg.attention != "auto" else f"auto = {attention.resolve('auto', cfg.dtype)}",
   }
   return result
 

@@ -198,52 +198,58 @@ def test_blockwise_bfloat16_stays_close():
 
 
 def test_auto_resolves_per_platform():
-  assert attention.resolve("auto", jnp.bfloat16, packed=False, platform="gpu") == "cudnn"
-  assert attention.resolve("auto", jnp.bfloat16, packed=True, platform="gpu") == "xla"
-  assert attention.resolve("auto", jnp.float32, packed=False, platform="gpu") == "xla"
-  assert attention.resolve("auto", jnp.float32, packed=True, platform="tpu") == "splash"
-  assert attention.resolve("auto", jnp.float32, packed=True, platform="cpu") == "blockwise"
-  assert attention.resolve("xla", jnp.float32, packed=True, platform="tpu") == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, platform="gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.bfloat16, platform="gpu", branches=True) == "xla"
+  assert attention.resolve("auto", jnp.float32, platform="gpu") == "xla"
+  assert attention.resolve("auto", jnp.float32, platform="tpu") == "splash"
+  assert attention.resolve("auto", jnp.float32, platform="cpu") == "blockwise"
+  assert attention.resolve("xla", jnp.float32, platform="tpu") == "xla"
   with pytest.raises(ValueError, match="expected one of"):
-    attention.resolve("flash", jnp.float32, packed=False)
+    attention.resolve("flash", jnp.float32)
 
 
-def test_auto_treats_shared_prompt_rows_as_packed(monkeypatch):
-  """Branches need a mask as segments do, so auto never picks cuDNN for them (its masked path is unverified)."""
-  asked = []
-  resolve = attention.resolve
-  monkeypatch.setattr(attention, "resolve", lambda *a, **kw: asked.append(a) or resolve(*a, **kw))
-  q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
-  jax.eval_shape(lambda q: attention.attend(q, q, q, None, "auto", jnp.zeros((1, 8), jnp.int32)), q)
-  jax.eval_shape(lambda q: attention.attend(q, q, q, None, "auto"), q)
-  assert [packed for _, _, packed in asked] == [True, False]
-  assert attention.resolve("auto", jnp.bfloat16, True, platform="gpu") == "xla"
+def bf16_errors(implementation, q, k, v, segments, branches=None):
+  """Largest absolute error of a bf16 kernel's output and q/k/v gradients against the fp32 reference."""
+  fn = lambda q, k, v, s, b=None: attention.attend(q, k, v, s, implementation, b)
+  out, grads = value_and_grads(fn, q, k, v, segments, branches)
+  with jax.default_matmul_precision("highest"):
+    want_out, want_grads = value_and_grads(reference, *(x.astype(jnp.float32) for x in (q, k, v)), segments,
+                                           branches)
+  return [float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+          for got, want in zip((out, *grads), (want_out, *want_grads))]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("packed", [False, True])
-def test_cudnn_equals_reference_on_gpu(packed):
-  """bf16 (cuDNN's dtype) against the fp32 reference; 2e-2 is bf16's resolution at these magnitudes."""
+@pytest.mark.parametrize("layout", ["unpacked", "packed", "shared_prompts", "packed_shared_prompts"])
+def test_cudnn_equals_reference_on_gpu(layout):
+  """cuDNN in bf16 against the fp32 reference: no further off (output, dq, dk, dv) than XLA's own bf16 path is,
+  within 2x + 1e-3, and within bf16's resolution at these magnitudes (2e-2 output, 1e-1 gradients of up to ~10;
+  XLA's own bf16 dv is off by up to 0.045 here)."""
   rng = np.random.default_rng(6)
   q, k, v = qkv(rng, 2, 256, 8, 2, 64, jnp.bfloat16)
-  segments = random_segments(rng, 2, 256, packed)
-  fn = lambda q, k, v, s: attention.attend(q, k, v, s, "cudnn")
-  out, grads = value_and_grads(fn, q, k, v, segments)
-  with jax.default_matmul_precision("highest"):
-    want_out, want_grads = value_and_grads(reference, *(x.astype(jnp.float32) for x in (q, k, v)), segments)
-  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=2e-2, rtol=2e-2)
-  for got, want in zip(grads, want_grads):
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+  if layout.endswith("shared_prompts"):
+    segments, branches = random_shared_prompts(rng, 2, 256, packed=layout.startswith("packed"))
+  else:
+    segments, branches = random_segments(rng, 2, 256, packed=layout == "packed"), None
+  got = bf16_errors("cudnn", q, k, v, segments, branches)
+  xla = bf16_errors("xla", q, k, v, segments, branches)
+  print(f"{layout}: max |error| out, dq, dk, dv: cudnn {np.round(got, 5)}, xla bf16 {np.round(xla, 5)}")
+  for name, g, x, bound in zip(("out", "dq", "dk", "dv"), got, xla, (2e-2, 1e-1, 1e-1, 1e-1)):
+    assert g <= 2 * x + 1e-3 and g <= bound, f"{layout} {name}: cudnn error {g:.3g} vs xla bf16 {x:.3g}"
 
 
 @pytest.mark.skipif(not (ON_GPU or ON_TPU), reason="the fused kernels of 'auto' need a GPU or TPU")
-def test_auto_on_accelerator_equals_reference():
+@pytest.mark.parametrize("packed", [False, True])
+def test_auto_on_accelerator_equals_reference(packed):
+  """auto runs the fused kernel (its custom call is in the lowered program) on packed and unpacked rows."""
   rng = np.random.default_rng(7)
   q, k, v = qkv(rng, 2, 256, 8, 2, 64, jnp.bfloat16)
+  segments = random_segments(rng, 2, 256, packed)
   fn = lambda q, k, v, s: attention.attend(q, k, v, s, "auto")
-  out, _ = value_and_grads(fn, q, k, v, None)
+  assert ("cudnn" if ON_GPU else "tpu_custom_call") in jax.jit(fn).lower(q, k, v, segments).as_text()
+  out, _ = value_and_grads(fn, q, k, v, segments)
   with jax.default_matmul_precision("highest"):
-    want = reference(*(x.astype(jnp.float32) for x in (q, k, v)), None)
+    want = reference(*(x.astype(jnp.float32) for x in (q, k, v)), segments)
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
 
 

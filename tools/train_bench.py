@@ -8,7 +8,8 @@ Each variant (U = one sequence per row, every token real; P = packed rows of syn
 lengths) builds the project's sharded train state and jitted train step (AdamW) and reports the median step
 time after warm-up, real tokens/s, MFU = (6·N_matmul·real tokens + causal attention FLOPs 6·layers·heads·
 head_dim·Σ n(n+1) over the sequences) / step time / --peak_tflops (989 = H100 SXM dense bf16), XLA's own FLOP
-count, and memory (the device's peak bytes in use where it reports them, else the compiled temp + arguments).
+count, and memory: the compiled step's arguments + temporaries + outputs (less donated buffers), and the
+device's peak bytes in use so far where it reports them.
 A failing variant prints its error and the rest still run. The last line is one JSON object.
 """
 
@@ -100,8 +101,11 @@ def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) 
       "real_tokens": int(sum(lengths)), "slot_tokens": slots, "real_tokens_per_s": round(sum(lengths) / step_s),
       "model_TFLOP_per_step": flops / 1e12, "MFU": flops / step_s / (args.peak_tflops * 1e12),
       "xla_TFLOP_per_step": float(cost.get("flops", 0.0)) / 1e12 if cost else None,
-      "peak_GiB": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-      "compiled_temp_plus_args_GiB": (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30 if mem else None,
+      # The device's peak since the process started (it never resets, so a later variant shows at least an
+      # earlier one's peak); the compiled step's own footprint is the per-variant figure.
+      "peak_so_far_GiB": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+      "compiled_GiB": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+                       - mem.alias_size_in_bytes) / 2**30 if mem else None,
       "loss_per_pair": float(first["loss"] / max(first["count"], 1.0)), "grad_norm": float(first["grad_norm"]),
   }
 
@@ -155,9 +159,9 @@ def main(argv) -> None:
     if "error" in r:
       print(f"{name:14s} ERROR {r['error'][:200]}", flush=True)
     else:
-      peak = r["peak_GiB"] if r["peak_GiB"] is not None else r["compiled_temp_plus_args_GiB"]
+      peak = "" if r["peak_so_far_GiB"] is None else f" (device peak so far {r['peak_so_far_GiB']:.2f})"
       print(f"{name:14s} step {r['step_ms']:9.1f} ms  real {r['real_tokens_per_s']:>10,} tok/s  "
-            f"MFU {r['MFU']:6.1%}  mem {peak:6.2f} GiB  compile {r['compile_s']:5.1f} s  "
+            f"MFU {r['MFU']:6.1%}  mem {r['compiled_GiB']:6.2f} GiB{peak}  compile {r['compile_s']:5.1f} s  "
             f"loss {r['loss_per_pair']:.4f}  ({r['real_tokens']}/{r['slot_tokens']} real)", flush=True)
   out = {"device": device, "jax": jax.__version__, "model": dataclasses.asdict(base), "length": args.length,
          "pairs": args.pairs, "peak_tflops": args.peak_tflops, "variants": results}
