@@ -12,6 +12,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 
 import matplotlib
 
@@ -41,11 +42,15 @@ class MetricsLog:
   files in the work dir; a resumed run starts a new file, which TensorBoard merges by step). On resume, rows
   past the restored step are dropped from metrics.jsonl (they were never saved).
 
-  A remote work dir (storage.py) has no append: metrics.jsonl is rewritten whole, in one upload, on each row;
-  tensorboardX writes its event file to a local temporary folder, copied up after each row and at close.
+  A remote work dir (storage.py) has no append: metrics.jsonl is rewritten whole, in one upload, and tensorboardX
+  writes its event file to a local temporary folder that is copied up. Both go up on each eval row, at most
+  every REMOTE_FLUSH_S seconds otherwise, at `flush()` (before every checkpoint, so a resume never finds a
+  checkpoint past the rows) and at close: per-row uploads of a growing file would cost O(rows²) bytes.
 
   Only the enabled log (host 0's) reads and rewrites the file; with several hosts the others then receive its
   rows (a collective, so after the rewrite) instead of reading a file that host 0 may be rewriting."""
+
+  REMOTE_FLUSH_S = 60.0
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool):
     self.path = storage.join(workdir, "metrics.jsonl")
@@ -54,6 +59,7 @@ class MetricsLog:
     self.events_dir = (tempfile.mkdtemp(prefix="jaxreward-events-") if self.remote else workdir) if enabled else None
     self.events = summary_writer(self.events_dir) if enabled else None
     self.rows = self._resume(resume_step) if enabled else []
+    self.unflushed, self.flushed_at = False, time.monotonic()
     if hosts.several():
       self.rows = json.loads(hosts.from_main(json.dumps(self.rows).encode() if hosts.is_main() else None))
 
@@ -75,9 +81,7 @@ class MetricsLog:
 
   def write(self, row: dict) -> None:
     self.rows.append(row)
-    if self.enabled and self.remote:
-      storage.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-    elif self.enabled:
+    if self.enabled and not self.remote:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
     if self.events is not None:
@@ -86,10 +90,21 @@ class MetricsLog:
         if key not in ("kind", "step") and is_scalar(value):
           self.events.add_scalar(f"{row['kind']}/{key}", float(value), row["step"])
       self.events.flush()  # Rows come every log_every steps: a live TensorBoard sees each at once.
-      if self.remote:
-        storage.upload_folder(self.events_dir, self.workdir)
+    self.unflushed = self.enabled and self.remote
+    if row["kind"] == "eval" or time.monotonic() - self.flushed_at >= self.REMOTE_FLUSH_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Uploads a remote work dir's metrics.jsonl and event files if rows came since the last upload."""
+    if not self.unflushed:
+      return
+    storage.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+    if self.events is not None:
+      storage.upload_folder(self.events_dir, self.workdir)
+    self.unflushed, self.flushed_at = False, time.monotonic()
 
   def close(self) -> None:
+    self.flush()
     if self.events is not None:
       self.events.close()
       self.events = None

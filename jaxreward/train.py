@@ -178,6 +178,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
         # alone (the bad step's is not in it): save it, whichever step the one-step-late fetch let it reach.
         last = int(jax.device_get(trainer.state["step"]))
         if last not in ckpt.all_steps():
+          history.flush()
           ckpt.save(last, trainer.state, iterator.get_state(), None)
         ckpt.wait()  # Committed before the run ends.
         ckpt.close()
@@ -218,6 +219,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
       if at_eval:
         evaluate_and_save(step)
       else:  # A resume-only checkpoint: never a candidate for "best".
+        history.flush()  # A remote work dir's rows reach the store before the checkpoint that follows them.
         ckpt.save(step, trainer.state, iterator.get_state(), None)
     if stopping:
       ckpt.wait()

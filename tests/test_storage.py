@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from jaxreward import rundir, storage, train
+from jaxreward import report, rundir, storage, train
 from jaxreward.commands import evaluate as evaluate_cmd, export as export_cmd, score as score_cmd
 from jaxreward.configuration import ConfigError
 from tests.conftest import load_config
@@ -88,6 +88,27 @@ def test_atomic_writes_and_folders_round_trip(gcs, tmp_path):
   assert not storage.isdir(f"{target}/up") and storage.isfile(f"{target}/moved/up/sub/f.txt")
   assert storage.join(gcs, "x") == f"{gcs}/x"  # No abspath on a URL, and no local folder named "gs:".
   assert not os.path.exists("gs:")
+
+
+def test_remote_metrics_go_up_on_eval_rows_flush_and_close_not_on_every_row(gcs):
+  """An object store has no append: metrics.jsonl is re-uploaded whole, so not on every train row."""
+  workdir = f"{gcs}/metrics"
+  steps = lambda: [json.loads(line)["step"] for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  log = report.MetricsLog(workdir, 0, enabled=True)
+  log.write({"kind": "train", "step": 1, "loss": 0.5})
+  assert steps() == []  # Buffered.
+  log.write({"kind": "eval", "step": 2, "val_accuracy": 0.75})
+  assert steps() == [1, 2] and any(n.startswith("events.out") for n in storage.listdir(workdir))
+  log.write({"kind": "train", "step": 3, "loss": 0.4})
+  assert steps() == [1, 2]
+  log.flush()  # What train.py calls before a checkpoint.
+  assert steps() == [1, 2, 3]
+  log.write({"kind": "train", "step": 4, "loss": 0.3})
+  log.close()
+  assert steps() == [1, 2, 3, 4]
+  resumed = report.MetricsLog(workdir, 3, enabled=True)  # Resuming from a checkpoint at step 3.
+  assert [r["step"] for r in resumed.rows] == [1, 2, 3] and steps() == [1, 2, 3]
+  resumed.close()
 
 
 def test_remote_lock_refuses_a_live_holder_and_takes_a_dead_ones(gcs):
