@@ -45,9 +45,12 @@ def _one_line(error: BaseException) -> str:
 
 class _QuietOrbax(logging.Filter):
   """Drops orbax's own error logs (whole tracebacks from its writer threads): the failure reaches the user
-  once, as the CheckpointError raised from save, wait or restore."""
+  once, as the CheckpointError raised from save, wait or restore. Also drops its warning that an item has no
+  _CHECKPOINT_METADATA of its own, which every restore of the params item alone prints (the step has one)."""
 
   def filter(self, record):
+    if record.levelno == logging.WARNING and record.getMessage().startswith("Metadata file does not exist"):
+      return not _from_orbax(record)
     return not (record.levelno >= logging.ERROR and _from_orbax(record))
 
 

@@ -4,6 +4,7 @@ committed step intact, and the re-run is exact."""
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import resource
@@ -183,7 +184,7 @@ def bumped(train_state):
   return jax.tree.map(lambda x: x + 1, train_state)
 
 
-def test_params_and_optimizer_are_separate_items(trainer, tmp_path):
+def test_params_and_optimizer_are_separate_items(trainer, tmp_path, caplog):
   saved = bumped(trainer.state)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep_best=1)
   ckpt.save(3, saved, {"next": 3}, {"val_accuracy": 0.5, "val_loss": 1.0})
@@ -194,7 +195,9 @@ def test_params_and_optimizer_are_separate_items(trainer, tmp_path):
   assert data_state == {"next": 3} and set(full) == {"step", "params", "opt_state"}
   assert_trees_equal(full, saved)
   _, target = state.params_target(trainer.model_cfg, trainer.mesh, trainer.rule_table)
-  assert_trees_equal(ckpt.restore_params(3, target), saved["params"])
+  with caplog.at_level(logging.WARNING):
+    assert_trees_equal(ckpt.restore_params(3, target), saved["params"])
+  assert "Metadata file does not exist" not in caplog.text  # orbax's noise about the item alone: filtered.
   ckpt.close()
 
 
