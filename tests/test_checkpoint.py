@@ -22,7 +22,7 @@ import pytest
 
 from jaxreward import checkpoint, configuration, model as model_lib, optimizer, sharding, state
 from jaxreward.configuration import ConfigError
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, xla_flags
 
 ARGS = ["--config.mesh.data=1", "--config.train.num_steps=6", "--config.train.eval_every=2"]
 COMPARED = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "best_step", "training_steps")
@@ -30,7 +30,7 @@ FINISHED = (configuration.EXIT_OK, configuration.EXIT_GATE_FAILED)
 
 
 def cli(workdir, *args, file_size_limit=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   limit = None
   if file_size_limit is not None:  # Python ignores SIGXFSZ, so a write past the limit fails like a full disk.
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))

@@ -11,7 +11,7 @@ import pytest
 
 from jaxreward import corpus
 from tests import tokenize_worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.test_multiprocess import free_port
 
 WORKER = str(ROOT / "tests" / "tokenize_worker.py")
@@ -19,7 +19,7 @@ KILL_AFTER_S = 180
 
 
 def run(workdir, processes, *extra):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR="")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR="")
   port = str(free_port())
   modes = ["single"] if processes == 1 else [str(i) for i in range(processes)]
   procs = [subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable, WORKER, str(workdir), mode,

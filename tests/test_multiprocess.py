@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 WORKER = str(ROOT / "tests" / "multiprocess_worker.py")
 KILL_AFTER_S = 420
@@ -34,8 +34,8 @@ OVERRIDES = {"train.num_steps": 40, "train.eval_every": 20, "train.log_every": 2
 COMPARED = ("val_accuracy", "val_loss", "train_loss")
 
 
-def launch(args, fsdp, xla_flags=""):
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+def launch(args, fsdp, devices=None):
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
              JAX_COMPILATION_CACHE_DIR="",  # A cache hit on one host and a compile on another time out gloo.
              WORKER_OVERRIDES=json.dumps({**OVERRIDES, "mesh.fsdp": fsdp}))
   return subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable, WORKER, *args], cwd=ROOT,
@@ -50,8 +50,7 @@ def launch_job(workdir, processes=2):
 
 
 def launch_single(workdir, devices):
-  flags = f"--xla_force_host_platform_device_count={devices}"
-  return result(launch([str(workdir), "single"], devices // 2, flags))
+  return result(launch([str(workdir), "single"], devices // 2, devices))
 
 
 def result(proc, expected_rc=0):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from jaxreward import configuration, preemption
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 ARGS = ["--config.mesh.data=1", "--config.train.num_steps=40", "--config.train.eval_every=15",
         "--config.train.log_every=2"]
@@ -21,7 +21,7 @@ COMPARED = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "best_st
 
 
 def start(workdir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   return subprocess.Popen([sys.executable, "-m", "jaxreward.main", "--config", str(ROOT / "configs/tiny.py"),
                            "--workdir", str(workdir), *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

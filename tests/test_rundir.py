@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from jaxreward import configuration, rundir
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, xla_flags
 
 ARGS = ["--config.mesh.data=1", "--config.train.num_steps=4", "--config.train.eval_every=2"]
 
 
 def cli(workdir, *args, timeout=240):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   return subprocess.run([sys.executable, "-m", "jaxreward.main", "--config", str(ROOT / "configs/tiny.py"),
                          "--workdir", str(workdir), *ARGS, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)

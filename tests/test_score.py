@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 from jaxreward import corpus, score
 from jaxreward.commands import evaluate as evaluate_cmd, score as score_cmd
@@ -215,7 +215,7 @@ def test_bad_paths_are_one_line_errors(run, tmp_path, capsys, which):
 
 
 def test_cli_error_in_a_fresh_process_has_no_traceback(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   proc = subprocess.run([sys.executable, "-m", "jaxreward.evaluate", "--workdir", str(tmp_path / "nope"), "--data",
                          str(tmp_path / "d.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2

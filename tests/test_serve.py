@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 from jaxreward import corpus, protocol, serve
 from jaxreward.commands import serve as serve_command
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def start_server(workdir, *flags):
   port = free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as users run it.
+  env = dict(os.environ, XLA_FLAGS=xla_flags())  # One device, as users run it.
   env["PYTHONPATH"] = str(ROOT)
   proc = subprocess.Popen([sys.executable, "-m", "jaxreward.serve", "--model", workdir, "--port", str(port), *flags],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import ROOT  # pylint: disable=g-bad-import-order
+from conftest import ROOT, xla_flags  # pylint: disable=g-bad-import-order
 from jaxreward import configuration, hf, model as model_lib, sharding, state, weights
 
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -126,7 +126,7 @@ def test_two_hosts_read_only_their_slices_and_export_gathered(tmp_path):
   source = str(tmp_path / "source")
   hf.write_weights(model, source, max_shard_bytes=20_000)
   port = str(_free_port())
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
              JAX_COMPILATION_CACHE_DIR="",  # A cache hit on one host and a compile on another time out gloo.
              MODEL_CFG=json.dumps(dataclasses.asdict(CFG)))
   procs = [subprocess.Popen(["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable,
