@@ -55,7 +55,8 @@ def test_remat_accepts_the_old_booleans(tmp_path, value, policy):
 @pytest.mark.parametrize("name", ["tiny", "small", "medium", "large", "smollm2_135m"])
 def test_configs_scan_deep_models_and_map_the_layers_axis(name):
   config = load_config(name)
-  assert config.model.scan_layers == (name in ("medium", "large", "smollm2_135m"))
+  # smollm2_135m runs unrolled: on CPU its scan costs step time and memory (the comment in that config).
+  assert config.model.scan_layers == (name in ("medium", "large"))
   assert ("layers", None) in [tuple(rule) for rule in config.mesh.rules]
 
 
