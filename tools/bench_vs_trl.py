@@ -4,6 +4,10 @@
   python tools/bench_vs_trl.py [--config configs/small.py] [--pairs 3200] [--repeats 2] [--json out.json]
   python tools/bench_vs_trl.py --data ../shared/data/autoj_hh_style.jsonl --pairs 768 --max_length 256
   python tools/bench_vs_trl.py --data ../shared/data/pandalm.jsonl --max_length 512 --sides graph,jax,trl
+  python tools/bench_vs_trl.py --data ../shared/data/autoj_hh_style.jsonl --pairs 48 --max_length 256 \
+      --batch_size 8 --repeats 1 --config.model.hidden_size=576 --config.model.num_layers=30 \
+      --config.model.num_heads=9 --config.model.num_kv_heads=3 --config.model.mlp_dim=1536 \
+      --config.data.num_buckets=1      # SmolLM2-135M's dims; one packed row count: one ~1 min compile, not 6
 
 Both sides train a Llama-architecture reward model of the config's dimensions (fp32, no dropout) with the same
 byte-level BPE tokenizer (`tokenizer.train_bpe` on the training texts, built once here), the same token ids
