@@ -3,8 +3,8 @@
   python -m jaxreward.main --config configs/small.py --workdir runs/small
 
 Expected on the embedded synthetic task (2,400 pairs; compare / maximum / category): validation accuracy
-0.93-0.97 and gate PASS in about 2 minutes on 2 CPU cores (measured with packed batches, seeds 0 / 1 / 2:
-0.934 / 0.963 / 0.969, 117 s for seed 0; the seed also picks the split). On your data:
+0.96-0.99 and gate PASS in about 2 minutes on 2 CPU cores (measured with packed batches, seeds 0 / 1 / 2:
+0.976 / 0.985 / 0.969 at the best checkpoint, 94-107 s; the seed also picks the split). On your data:
   --config.data.train_path=pairs.jsonl [--config.data.validation_path=val.jsonl]
 ETHICS (ethics_util_train.jsonl, --config.train.num_epochs=2): validation 0.749 on its 20% split, 0.673 on
 ethics_util_test.jsonl (95% CI 0.659-0.686), gate PASS, 4.5 minutes; 4.1% of token slots are padding.
