@@ -67,13 +67,14 @@ def shard_shape(shape, logical_axes, mesh_shape: dict, rule_table) -> tuple:
   return tuple(out)
 
 
-def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length: int) -> tuple[int, int, int]:
+def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length: int,
+                                kernel: str) -> tuple[int, int, int]:
   """(bytes a block saves per token for its backward pass, bytes of its block input, bytes of the projections that
   remat 'save_matmuls' keeps) under `tensor`-way TP.
 
   Counted per token and block: two RMSNorms (fp32 upcast + output), q/k/v and their fp32 RoPE copies,
   the attention output, o-projection, the SwiGLU gate/up/product and down projection; plus, when the attention
-  resolves to 'xla' on this platform (attention.resolve), the L x L logits and fp32 probabilities of this token's
+  `kernel` (attention.resolve on this platform) is 'xla', the L x L logits and fp32 probabilities of this token's
   row (the fused and blockwise kernels keep none).
   Head, MLP and vocabulary widths split over the tensor axis; the residual stream D does not.
   """
@@ -81,7 +82,7 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length:
   d, n, k, h, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   nh, kh, ft, nt = n * h / tensor, k * h / tensor, f / tensor, n / tensor
   saved = b * (2 * d + (nh + 2 * kh) + nh + d + 3 * ft + d) + 4 * (2 * d + (nh + kh))
-  if attention.resolve(cfg.attention, cfg.dtype) == "xla":
+  if kernel == "xla":
     saved += nt * length * (4 + b)
   named = b * (nh + 2 * kh + d)  # model.SAVED_MATMULS: q, k, v and o projection outputs.
   return int(saved), int(b * d), int(named)
@@ -89,11 +90,12 @@ def _activation_bytes_per_token(cfg: model_lib.ModelConfig, tensor: int, length:
 
 def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_size: int, max_length: int,
              remat: str | None = None, param_dtype: str | None = None, dtype: str | None = None,
-             grad_accum_steps: int = 1) -> dict:
+             grad_accum_steps: int = 1, branches: bool = False) -> dict:
   """Per-device bytes of one training step; `mesh_shape` maps data/fsdp/tensor to (resolved) sizes.
 
   `batch_size` counts pairs across all devices (each pair is two sequences of up to `max_length` tokens);
   with gradient accumulation one microbatch of batch_size / grad_accum_steps pairs is live at a time.
+  `branches`: shared-prompt rows (data.group_by_prompt), for which `auto` may pick another kernel.
   """
   overrides = {k: v for k, v in (("remat", remat), ("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
   cfg = dataclasses.replace(model_cfg, **overrides)
@@ -113,7 +115,8 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
   batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
   local_sequences = 2 * -(-batch_size // (batch_ways * grad_accum_steps))
   tensor = mesh_shape["tensor"]
-  block_saved, block_input, block_named = _activation_bytes_per_token(cfg, tensor, max_length)
+  kernel = attention.resolve(cfg.attention, cfg.dtype, branches=branches)
+  block_saved, block_input, block_named = _activation_bytes_per_token(cfg, tensor, max_length, kernel)
   tokens = local_sequences * max_length
   if cfg.remat != "none":
     # Each block keeps its input (and with save_matmuls its named projections); the rest is recomputed one block
@@ -144,8 +147,7 @@ def estimate(model_cfg: model_lib.ModelConfig, mesh_shape: dict, rules, batch_si
       "mesh": mesh_shape, "devices": math.prod(mesh_shape.values()),
       "batch_size": batch_size, "grad_accum_steps": grad_accum_steps, "local_sequences": local_sequences,
       "max_length": max_length, "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-      # The kernel that runs on this backend (auto's pick shown beside it).
-      "attention": cfg.attention if cfg.attention != "auto" else f"auto = {attention.resolve('auto', cfg.dtype)}",
+      "attention": cfg.attention if cfg.attention == kernel else f"{cfg.attention} = {kernel}",  # auto's pick
   }
   return result
 
@@ -158,7 +160,7 @@ def from_config(config, model_cfg: model_lib.ModelConfig, mesh_shape: dict) -> d
   d = config.data
   width = (d.pack_length or d.max_length) if d.packing else d.max_length
   return estimate(model_cfg, mesh_shape, sharding.rules(config.mesh), config.train.batch_size, width,
-                  grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
+                  grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1), branches=d.group_by_prompt)
 
 
 def fits(est: dict) -> list[str]:

@@ -70,6 +70,22 @@ def test_known_arithmetic():
   assert accum["info"]["local_sequences"] == 8 and accum["grad_accumulator"] == one["gradients"]
 
 
+def test_auto_on_a_gpu_counts_the_kernel_it_picks(monkeypatch):
+  """On a GPU `auto` is cuDNN (no L x L scores kept) for bf16 rows, but xla for shared-prompt rows
+  (data.group_by_prompt): the estimate and its printed kernel follow the pick."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rules = sharding.rules(load_config("tiny").mesh)
+  mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  bf16 = dataclasses.replace(CFG, attention="auto", dtype="bfloat16")
+  pairs, trees = (memory.estimate(bf16, mesh, rules, 16, 64, branches=b) for b in (False, True))
+  assert (pairs["info"]["attention"], trees["info"]["attention"]) == ("auto = cudnn", "auto = xla")
+  scores = 32 * 64 * CFG.num_heads * 64 * (4 + 2)  # fp32 logits + bf16 probabilities per query row
+  assert trees["activations"] - pairs["activations"] == scores * (CFG.num_layers + 1)
+  config = load_config("tiny")
+  config.model.dtype, config.data.group_by_prompt = "bfloat16", True
+  assert memory.from_config(config, bf16, mesh)["info"]["attention"] == "auto = xla"
+
+
 def test_fits():
   est = {"total": 21 * memory.GiB}  # Over 90% of 24 GB (L4), under 90% of 32 GiB (v4).
   names = memory.fits(est)
