@@ -3,6 +3,11 @@
 Exit codes: 0 gate passed, 3 gate failed, 2 bad config or input (one line on stderr), 4 preempted, 1 crash.
 """
 
+from jaxreward import allocator
+
+if __name__ == "__main__":
+  allocator.reexec()  # Before JAX and the rest are imported: the second start then costs only Python's.
+
 import sys
 
 from absl import app, flags, logging

@@ -24,8 +24,6 @@ packed or not: the mask and positions make each sequence see exactly what it wou
 from __future__ import annotations
 
 import dataclasses
-import functools
-import zlib
 
 from flax import struct
 import grain
@@ -78,8 +76,8 @@ class Batch:
   def on_device(self, batch_sharding) -> Batch:
     """The global batch on the mesh, from this host's rows (`host_rows`, every field the same rows): each
     device takes the rows its shard covers, whichever hosts its data x fsdp x tensor group spans."""
-    leading = global_leading(batch_sharding, jax.tree.leaves(self)[0].shape[0])
-    rows_R = host_rows(batch_sharding, leading)
+    leading = hosts.global_leading(batch_sharding, jax.tree.leaves(self)[0].shape[0])
+    rows_R = hosts.host_rows(batch_sharding, leading)
 
     def put(x):
       def shard(index):
@@ -305,59 +303,6 @@ class TrainPlan:
     return 1.0 - real / padded
 
 
-@functools.lru_cache(maxsize=64)
-def host_rows(batch_sharding, leading: int) -> np.ndarray:
-  """The rows of a global batch's leading axis (pairs or packing groups) that this process's devices hold,
-  ascending: what this host collates. A contiguous block when the host's devices form whole data x fsdp
-  shards; with a tensor or fsdp group spanning hosts, each of them holds (a replica of) that group's rows.
-  None (no mesh): every row."""
-  if batch_sharding is None:
-    return np.arange(leading)
-  blocks = {index[0].indices(leading)[:2] for index in batch_sharding.addressable_devices_indices_map(
-      (leading,)).values()}
-  return np.concatenate([np.arange(start, stop) for start, stop in sorted(blocks)])
-
-
-def global_leading(batch_sharding, local: int) -> int:
-  """The global batch's leading size, from the `local` rows this host holds (`host_rows`: whole shards)."""
-  size = len(batch_sharding.device_set)  # Every shard count along the leading axis divides it.
-  shards = size // batch_sharding.shard_shape((size,))[0]
-  held = len(host_rows(batch_sharding, size)) // (size // shards)
-  return local * shards // held
-
-
-def check_host_rows(plan: TrainPlan, layout, batch_sharding) -> None:
-  """Start-up check on batch 0: every device of this host holds exactly its rows of the global batch, and hosts
-  holding the same rows (a tensor or fsdp group across hosts) hold the same values. One line if not."""
-  indices, me = plan.indices(0), jax.process_index()
-  leading, ones = layout.groups_of(len(indices)), np.ones(len(indices))
-  placed = layout.collate(plan.enc, indices, ones, host_rows(batch_sharding, leading)).on_device(batch_sharding)
-  size = batch_sharding.shard_shape((leading,))[0]
-  digest_S = np.full(leading // size, -1, np.int64)  # A checksum of each shard this host holds, else -1.
-  alone = {}  # (start, stop) -> those rows collated by themselves: the reference.
-  for device, index in batch_sharding.addressable_devices_indices_map((leading,)).items():
-    start, stop, _ = index[0].indices(leading)
-    if (start, stop) not in alone:
-      alone[start, stop] = jax.tree_util.tree_leaves_with_path(
-          layout.collate(plan.enc, indices, ones, slice(start, stop)))
-    checksum = 0
-    for (path, want), field in zip(alone[start, stop], jax.tree.leaves(placed), strict=True):
-      got = np.asarray(next(s.data for s in field.addressable_shards if s.device == device))
-      if not np.array_equal(got, want):
-        raise ConfigError(f"pipeline: device {device} of process {me} would get other values of "
-                          f"{jax.tree_util.keystr(path)} rows {start}..{stop - 1} of batch 0 than the global batch has")
-      checksum = zlib.crc32(np.ascontiguousarray(got).tobytes(), checksum)
-    digest_S[start // size] = checksum
-  gathered_PxS = hosts.gather(digest_S)
-  for s in range(len(digest_S)):
-    holders = [p for p in range(len(gathered_PxS)) if gathered_PxS[p, s] >= 0]
-    differing = [p for p in holders if gathered_PxS[p, s] != gathered_PxS[holders[0], s]]
-    if differing:
-      raise ConfigError(f"pipeline: processes {holders[0]} and {differing[0]} lay out different values for rows "
-                        f"{s * size}..{(s + 1) * size - 1} of batch 0, which devices of both hold: every host must "
-                        "run the same code, config and data")
-
-
 def make_plan(config, enc: tokenizer_lib.Encoded) -> TrainPlan:
   # Packed batches are drawn unsorted: any mix of lengths packs well, while length-sorted batches vary so much
   # in row count that they need many more row buckets (ETHICS: 16-20% padding instead of 4%).
@@ -386,7 +331,7 @@ def train_dataset(plan: TrainPlan, num_steps: int, layout, batch_sharding=None):
   def make_batch(step):
     indices = plan.indices(int(step))
     # Each host lays out only its devices' groups; shapes come from the whole batch, so every host's agree.
-    rows = host_rows(batch_sharding, layout.groups_of(len(indices)))
+    rows = hosts.host_rows(batch_sharding, layout.groups_of(len(indices)))
     return layout.collate(plan.enc, indices, np.ones(len(indices)), rows)
 
   return grain.MapDataset.range(num_steps).map(make_batch).to_iter_dataset(
@@ -404,7 +349,7 @@ def eval_batches(enc: tokenizer_lib.Encoded, indices: np.ndarray, batch_size: in
                  batch_sharding=None) -> EvalBatches:
   """Batches of the pairs `indices`, sorted by length (this host's rows of each); the last is filled with
   weight-0 copies."""
-  rows = host_rows(batch_sharding, batch_size)
+  rows = hosts.host_rows(batch_sharding, batch_size)
   lengths = enc.lengths().max(axis=1)
   positions = np.argsort(lengths[indices], kind="stable")
   ordered = indices[positions]

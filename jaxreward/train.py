@@ -136,7 +136,7 @@ def _train_and_evaluate(config, workdir: str, run_dir: rundir.RunDir) -> dict:
 
   # --- Resume ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, t.keep_best)
-  pipeline.check_host_rows(plan, data.layout, trainer.batch_sharding)
+  hosts.check_host_rows(plan, data.layout, trainer.batch_sharding)
   start_step, iterator = 0, iter(pipeline.train_dataset(plan, num_steps, data.layout, trainer.batch_sharding))
   restored_step, trainer.state, _ = ckpt.restore_latest(trainer.state, iterator.set_state, log)
   if restored_step is not None:

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreward import pipeline, synthetic, tokenizer
+from jaxreward import hosts, pipeline, synthetic, tokenizer
 
 PAIRS = synthetic.generate(300, 0)
 
@@ -57,8 +57,8 @@ def test_device_batch_on_a_permuted_mesh_is_the_global_batch():
     if isinstance(layout, pipeline.PackedLayout):
       layout.fit_buckets([layout.rows_needed(enc, idx) for idx in plan.epoch(0)], 2)
     groups = layout.groups_of(16)
-    np.testing.assert_array_equal(pipeline.host_rows(where, groups), np.arange(groups))  # One process: all.
-    assert pipeline.global_leading(where, groups) == groups
+    np.testing.assert_array_equal(hosts.host_rows(where, groups), np.arange(groups))  # One process: all.
+    assert hosts.global_leading(where, groups) == groups
     host = next(iter(pipeline.train_dataset(plan, 1, layout, where)))
     placed = host.on_device(where)
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host), strict=True):
@@ -66,7 +66,7 @@ def test_device_batch_on_a_permuted_mesh_is_the_global_batch():
       np.testing.assert_array_equal(np.asarray(a), b)
       for shard in a.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index])
-    pipeline.check_host_rows(plan, layout, where)
+    hosts.check_host_rows(plan, layout, where)
 
   class Shifted(pipeline.BucketedLayout):  # Lays out the whole batch right, but any part of it one token off.
     def collate(self, enc, indices, weight, rows=slice(None)):
@@ -74,4 +74,4 @@ def test_device_batch_on_a_permuted_mesh_is_the_global_batch():
       return batch if isinstance(rows, np.ndarray) else batch.replace(tokens_GxRxL=batch.tokens_GxRxL + 1)
 
   with pytest.raises(pipeline.ConfigError, match=r"other values of \.tokens_GxRxL rows 0\.\.3 of batch 0"):
-    pipeline.check_host_rows(plan, Shifted([32, 64], 0), where)
+    hosts.check_host_rows(plan, Shifted([32, 64], 0), where)

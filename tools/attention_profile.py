@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreward import attention
+from jaxreward import allocator, attention
 
 
 def packed_segments(rng, rows: int, length: int):
@@ -67,4 +67,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  allocator.reexec()  # As the commands do, so the figures are what a run gets.
   app.run(main)

@@ -19,7 +19,9 @@ the file's 80% training split by prompt (corpus.split); afterwards each side sco
   jax: the jitted train step of `train.py` over the real grain pipeline (the config's layout: packed rows by
        default, or with --config.data.packing=False length buckets and sorted-within-window batches; prefetching
        thread), metrics fetched a step late as in `train_and_evaluate`. Every batch shape the run will use is
-       compiled first on a throwaway state ("compile"), so the timed pass recompiles nothing (counted).
+       compiled first on a throwaway state ("compile"), so the timed pass recompiles nothing (counted). The
+       child gets glibc's huge-page tunable as jaxreward's commands give themselves (jaxreward/allocator.py);
+       TRL runs as it comes (set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 here to give it to both sides).
   trl: `trl.RewardTrainer` on `transformers.LlamaForSequenceClassification`; its collator pads each batch to its
        longest sequence; no evaluation, saving or reporting.
 Each run is its own subprocess (clean peak RSS); sides alternate (jax, trl, jax, trl, ...) so load drift hits
@@ -45,6 +47,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
+
+from jaxreward import allocator
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Model / optimizer configuration.")
 _DATA = flags.DEFINE_string("data", "../shared/data/ethics_util_train.jsonl", "Preference pairs (jsonl).")
@@ -95,8 +99,12 @@ def _prepare(config, workdir: str) -> dict:
 
 def _run_child(side: str, workdir: str) -> dict:
   env = dict(os.environ)
-  if side in ("jax", "graph") and _XLA_FLAGS.value is not None:
-    env["XLA_FLAGS"] = _XLA_FLAGS.value
+  if side in ("jax", "graph"):
+    # The jax side runs as `python -m jaxreward.main` would (allocator.reexec); TRL as it comes. Both with the
+    # tunable: run this script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 set.
+    env = allocator.environment(env) or env
+    if _XLA_FLAGS.value is not None:
+      env["XLA_FLAGS"] = _XLA_FLAGS.value
   out = os.path.join(workdir, f"result_{side}.json")
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={side}", f"--workdir={workdir}"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

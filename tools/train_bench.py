@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import types
 import traceback
@@ -25,7 +26,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from jaxreward import configuration, model as model_lib, pipeline, sharding, state, synthetic
+from jaxreward import allocator, configuration, model as model_lib, pipeline, sharding, state, synthetic
 from jaxreward.configuration import defaults
 
 
@@ -86,18 +87,23 @@ def run_variant(name: str, base: model_lib.ModelConfig, args, mesh, rule_table) 
   for _ in range(args.warmup):
     train_state, metrics = compiled(train_state, batch)
   first = jax.device_get(metrics)
-  times = []
+  times, cpu_before = [], os.times()
   for _ in range(args.steps):
     t = time.perf_counter()
     train_state, metrics = compiled(train_state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
+  cpu = os.times()
   flops = model_flops(cfg, lengths)
   stats = jax.devices()[0].memory_stats() or {}
   slots = int(np.prod(batch_np.tokens_GxRxL.shape))
   return {
       "variant": name, "compile_s": round(compile_s, 2), "step_ms": round(1e3 * step_s, 2),
+      # Process CPU time per step, all threads: steadier than wall time on a shared machine; "sys" is mostly
+      # page faults (jaxreward/allocator.py).
+      "cpu_ms": round(1e3 * (cpu.user + cpu.system - cpu_before.user - cpu_before.system) / args.steps, 1),
+      "sys_ms": round(1e3 * (cpu.system - cpu_before.system) / args.steps, 1),
       "real_tokens": int(sum(lengths)), "slot_tokens": slots, "real_tokens_per_s": round(sum(lengths) / step_s),
       "model_TFLOP_per_step": flops / 1e12, "MFU": flops / step_s / (args.peak_tflops * 1e12),
       "xla_TFLOP_per_step": float(cost.get("flops", 0.0)) / 1e12 if cost else None,
@@ -161,7 +167,7 @@ def main(argv) -> None:
     else:
       peak = "" if r["peak_so_far_GiB"] is None else f" (device peak so far {r['peak_so_far_GiB']:.2f})"
       print(f"{name:14s} step {r['step_ms']:9.1f} ms  real {r['real_tokens_per_s']:>10,} tok/s  "
-            f"MFU {r['MFU']:6.1%}  mem {r['compiled_GiB']:6.2f} GiB{peak}  compile {r['compile_s']:5.1f} s  "
+            f"MFU {r['MFU']:6.1%}  cpu {r['cpu_ms']:,.0f} ms (sys {r['sys_ms']:,.0f})  mem {r['compiled_GiB']:6.2f} GiB{peak}  compile {r['compile_s']:5.1f} s  "
             f"loss {r['loss_per_pair']:.4f}  ({r['real_tokens']}/{r['slot_tokens']} real)", flush=True)
   out = {"device": device, "jax": jax.__version__, "model": dataclasses.asdict(base), "length": args.length,
          "pairs": args.pairs, "peak_tflops": args.peak_tflops, "variants": results}
@@ -172,4 +178,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  allocator.reexec()  # As the commands do, so the figures are what a run gets.
   app.run(main)

@@ -7,6 +7,11 @@ Exit codes: 0 written, 2 bad input (one line on stderr).
 
 from __future__ import annotations
 
+from jaxreward import allocator
+
+if __name__ == "__main__":
+  allocator.reexec()  # Before JAX and the rest are imported: the second start then costs only Python's.
+
 import json
 import os
 import sys
