@@ -1,7 +1,9 @@
 """Shared test fixtures. Eight fake CPU devices are set up before jax is imported anywhere."""
 
+import fcntl
 import importlib.util
 import os
+import pickle
 
 # The tests compile far more than they compute (toy shapes): XLA:CPU's backend (LLVM) at -O0 takes ~40% less CPU
 # to compile (test_model + test_attention: 417 -> 261 CPU s) and the programs' results are still compared at
@@ -11,15 +13,21 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
 FAST_COMPILE = ("" if any(importlib.util.find_spec(m) for m in _ACCELERATOR_PLUGINS)
                 else "--xla_backend_optimization_level=0")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+# The session's cache (below), as pytest-xdist's workers inherit it from the controller's environment: hidden from
+# this process's own jax, as in a session without workers.
+_SESSION_CACHE = "JAXREWARD_TESTS_XLA_CACHE"
+if os.environ.get(_SESSION_CACHE) and os.environ.get("JAX_COMPILATION_CACHE_DIR") == os.environ[_SESSION_CACHE]:
+  del os.environ["JAX_COMPILATION_CACHE_DIR"]
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,unused-import  (reads its settings before the next lines)
 
 # One persistent XLA cache for the session's CLI subprocesses (set after this process imported jax, so the tests
 # in this process still see every compile: the reward server's recompile counter must not be fooled by cache
 # hits). The many runs of configs/tiny.py compile the same programs; the cache saved 13% of their CPU time.
-# Fresh per session, so every CI run still compiles every program once.
+# Fresh per session, so every CI run still compiles every program once; shared by the session's xdist workers.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile  # pylint: disable=g-import-not-at-top
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxreward-tests-xla-cache-")
+  os.environ.setdefault(_SESSION_CACHE, tempfile.mkdtemp(prefix="jaxreward-tests-xla-cache-"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SESSION_CACHE]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pathlib  # pylint: disable=g-import-not-at-top
@@ -54,13 +62,25 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """configs/tiny.py trained once for the whole session (train, score, serve and export tests read it; none may
-  write into its work dir): {"config", "workdir", "summary"}."""
+  write into its work dir): {"config", "workdir", "summary"}. pytest-xdist's workers share it: the first to need
+  it trains it while the others wait on a lock, then read the summary it returned."""
   from jaxreward import train  # pylint: disable=g-import-not-at-top  (jax: after the XLA_FLAGS above)
   config = load_config("tiny")
   config.mesh.data = 1
-  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-  summary = train.train_and_evaluate(config, workdir)
-  return {"config": config, "workdir": workdir, "summary": summary}
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # The session's folder; each worker's basetemp is a folder in it.
+  root = root / "tiny_run"
+  root.mkdir(exist_ok=True)
+  workdir, returned = root / "run", root / "summary.pickle"
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if returned.exists():
+      summary = pickle.loads(returned.read_bytes())
+    else:
+      summary = train.train_and_evaluate(config, str(workdir))
+      returned.write_bytes(pickle.dumps(summary))
+  return {"config": config, "workdir": str(workdir), "summary": summary}
 
 
 def require_shared_data():
@@ -89,3 +109,15 @@ def qwen2_style_bpe(texts, vocab_size: int, **special_tokens):
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tokenizer_lib.EOS,
                                               pad_token=tokenizer_lib.PAD, **special_tokens)
+
+
+# Units of work for pytest-xdist's workers (`--dist loadscope` in pyproject.toml: one module each, so its
+# module-scoped fixtures are built once), slowest first so that no long one starts last while the other worker
+# idles; the other modules follow in file order.
+SLOWEST_FIRST = ("test_multiprocess", "test_preemption", "test_hf", "test_checkpoint")
+
+
+def pytest_collection_modifyitems(config, items):
+  if hasattr(config, "workerinput"):  # The controller hands out work in the order its workers collected it.
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
