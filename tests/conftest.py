@@ -10,8 +10,8 @@ import pickle
 # the same tolerances. Subprocess tests pass it on through xla_flags(). CPU-only machines only: where a GPU or TPU
 # plugin is installed (tools/gpu_check.sh) the accelerator's kernels are compiled as users get them.
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
-FAST_COMPILE = ("" if any(importlib.util.find_spec(m) for m in _ACCELERATOR_PLUGINS)
-                else "--xla_backend_optimization_level=0")
+ACCELERATOR_PLUGIN = any(importlib.util.find_spec(m) for m in _ACCELERATOR_PLUGINS)
+FAST_COMPILE = "" if ACCELERATOR_PLUGIN else "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 # The session's cache (below), as pytest-xdist's workers inherit it from the controller's environment: hidden from
 # this process's own jax, as in a session without workers.
@@ -109,6 +109,17 @@ def qwen2_style_bpe(texts, vocab_size: int, **special_tokens):
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tokenizer_lib.EOS,
                                               pad_token=tokenizer_lib.PAD, **special_tokens)
+
+
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  """`-n auto` (pyproject.toml): two workers, as most of the suite's time is XLA compiles that use one core each;
+  no more, as the suite is sized for 2 cores and each worker holds 8 fake devices' programs. None (the tests run
+  in pytest's own process) where a GPU or TPU plugin is installed: one process must own the accelerator, as JAX
+  takes most of its memory up front."""
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return None  # xdist's own hook reads it.
+  cores = len(os.sched_getaffinity(0))
+  return 0 if ACCELERATOR_PLUGIN or cores < 2 else 2
 
 
 # Units of work for pytest-xdist's workers (`--dist loadscope` in pyproject.toml: one module each, so its
