@@ -170,11 +170,6 @@ def _keys_from_rows(p_BxKxGxQxS, x_BxKxGxQxH):
   return jnp.einsum("xms,xmh->xsh", p_XxMxS, x_XxMxH, preferred_element_type=jnp.float32).reshape(b, kv, s, -1)
 
 
-def _block_logits(q_BxKxGxQxH, k_BxKxSxH, scale):
-  """Scaled fp32 logits [B, K, G, Q, S] of a query block against a key block."""
-  return _rows_by_keys(q_BxKxGxQxH, k_BxKxSxH) * scale
-
-
 def _unless_hidden(br, visible, compute, skipped, operand):
   """compute(operand), or skipped(operand) when branches are given and no query sees any key of the block (in
   no row): the key blocks of sibling responses. Without branches the range of blocks already is exact enough
@@ -199,7 +194,7 @@ def _forward(q, k, v, seg, br):
 
       def update(state):
         m, total, acc = state
-        s = _block_logits(q_i, k[:, j], scale)
+        s = _rows_by_keys(q_i, k[:, j]) * scale
         m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
@@ -246,7 +241,7 @@ def _flash_bwd(residuals, d_out):
       visible = _block_visible(seg, br, i, j)
 
       def grads(j):
-        s = _block_logits(q_i, k[:, j], scale)
+        s = _rows_by_keys(q_i, k[:, j]) * scale
         p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
         dv_j = _keys_from_rows(p.astype(do_i.dtype), do_i)
         dp = _rows_by_keys(do_i, v[:, j])

@@ -89,6 +89,7 @@ def _without_traceback(message: str) -> str:
 
 
 def run() -> None:
+  allocator.reexec()  # The installed script (pyproject [project.scripts]) enters here; a no-op under -m.
   app.run(main, flags_parser=parse_flags)
 
 

@@ -1,5 +1,6 @@
 """allocator: the huge-page tunable is added once, respects the user's own setting, and the re-exec keeps the pid."""
 
+import importlib
 import os
 import platform
 import subprocess
@@ -61,3 +62,19 @@ def test_reexec_replaces_the_process_with_the_tunable_set(tmp_path):
   assert second[:3] == ["start", first[1], "glibc.malloc.hugetlb=1"]  # Same pid: exec'd, not spawned.
   assert after[:3] == ["after", first[1], "glibc.malloc.hugetlb=1"]
   assert out[2].endswith("['--x=1']")
+
+
+@pytest.mark.parametrize("name", ["jaxreward.main", "jaxreward.commands.evaluate", "jaxreward.commands.export",
+                                  "jaxreward.commands.score", "jaxreward.commands.serve"])
+def test_every_command_entry_point_reexecs_first(monkeypatch, name):
+  # The installed scripts ([project.scripts]) call run() directly, without the module's `python -m` block.
+  class ReExec(Exception):
+    pass
+
+  def reexec():
+    raise ReExec
+
+  module = importlib.import_module(name)
+  monkeypatch.setattr(allocator, "reexec", reexec)
+  with pytest.raises(ReExec):
+    module.run()

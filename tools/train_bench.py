@@ -167,7 +167,8 @@ def main(argv) -> None:
     else:
       peak = "" if r["peak_so_far_GiB"] is None else f" (device peak so far {r['peak_so_far_GiB']:.2f})"
       print(f"{name:14s} step {r['step_ms']:9.1f} ms  real {r['real_tokens_per_s']:>10,} tok/s  "
-            f"MFU {r['MFU']:6.1%}  cpu {r['cpu_ms']:,.0f} ms (sys {r['sys_ms']:,.0f})  mem {r['compiled_GiB']:6.2f} GiB{peak}  compile {r['compile_s']:5.1f} s  "
+            f"MFU {r['MFU']:6.1%}  cpu {r['cpu_ms']:,.0f} ms (sys {r['sys_ms']:,.0f})  "
+            f"mem {r['compiled_GiB']:6.2f} GiB{peak}  compile {r['compile_s']:5.1f} s  "
             f"loss {r['loss_per_pair']:.4f}  ({r['real_tokens']}/{r['slot_tokens']} real)", flush=True)
   out = {"device": device, "jax": jax.__version__, "model": dataclasses.asdict(base), "length": args.length,
          "pairs": args.pairs, "peak_tflops": args.peak_tflops, "variants": results}

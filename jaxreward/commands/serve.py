@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
+  allocator.reexec()  # The installed script (pyproject [project.scripts]) enters here; a no-op under -m.
   sys.exit(main())
 
 
